@@ -1,0 +1,119 @@
+"""The typed batch that flows between the pipeline's stages.
+
+Sizes are named once for the whole code base:
+    B  prompts in a step,  G  samples per prompt,  N = B * G  sequences,
+    P  prompt tokens (left-padded),  T  completion tokens (right-padded).
+Log-probs, values, rewards and advantages are per completion token: shape (N, T), aligned with
+`completion_ids`, and only positions where `completion_mask` is True carry meaning.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class Rollout:
+    """What one generator returns for one shard of prompts (n sequences of the step's N)."""
+
+    # --- text and tokens
+    prompts: list[str]                 # (n,) the prompt text of each sequence (repeated G times)
+    completions: list[str]             # (n,) decoded completion text, special tokens removed
+    prompt_ids: torch.Tensor           # (n, P) long, left-padded with the tokenizer's pad id
+    prompt_mask: torch.Tensor          # (n, P) bool, True on real prompt tokens
+    completion_ids: torch.Tensor       # (n, T) long, right-padded after the EOS token
+    completion_mask: torch.Tensor      # (n, T) bool, True on generated tokens up to and incl. EOS
+    # --- sampling record
+    logprobs: torch.Tensor             # (n, T) float32, log pi_old(token) under the sampling temperature
+    group_ids: torch.Tensor            # (n,) long, index of the prompt in the step (same for its G samples)
+    sample_index: torch.Tensor         # (n,) long, global position 0..N-1 in the step (restores order)
+    policy_version: int                # learner update count the generator's weights came from
+
+
+@dataclass
+class TrainBatch:
+    """A whole step's data after scoring: rollouts plus what the learner needs."""
+
+    rollout: Rollout
+    # --- reward
+    scores: torch.Tensor                          # (N,) float32 sequence reward (failed -> 0.0)
+    score_failed: torch.Tensor                    # (N,) bool, the reward function raised or returned None
+    # --- filled by reference / critic / advantage stages
+    ref_logprobs: Optional[torch.Tensor] = None   # (N, T) float32 log pi_ref(token)
+    values: Optional[torch.Tensor] = None         # (N, T) float32 critic value before each token
+    token_rewards: Optional[torch.Tensor] = None  # (N, T) float32 score at the last token, minus KL if in reward
+    advantages: Optional[torch.Tensor] = None     # (N, T) float32
+    returns: Optional[torch.Tensor] = None        # (N, T) float32 value targets (critic estimators only)
+    extras: dict = field(default_factory=dict)    # columns the reward saw (e.g. "answer"), for logging
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.rollout.prompts)
+
+
+def concat_rollouts(parts: list[Rollout]) -> Rollout:
+    """Join generator shards into one step rollout, ordered by `sample_index`, padding P and T.
+
+    Prompts are left-padded, so a narrower shard gets padding added on the left; completions are
+    right-padded, so padding goes on the right. Pad ids are 0 here: masked positions are never read.
+    """
+    if not parts:
+        raise ValueError("no rollout shards to join")
+    versions = {p.policy_version for p in parts}
+    if len(versions) != 1:
+        raise RuntimeError(f"rollout shards come from different policy versions {sorted(versions)}")
+    P = max(p.prompt_ids.shape[1] for p in parts)
+    T = max(p.completion_ids.shape[1] for p in parts)
+
+    def pad(x: torch.Tensor, width: int, left: bool, value=0) -> torch.Tensor:
+        extra = width - x.shape[1]
+        if extra == 0:
+            return x
+        pad_block = torch.full((x.shape[0], extra), value, dtype=x.dtype)
+        return torch.cat([pad_block, x] if left else [x, pad_block], dim=1)
+
+    joined = Rollout(
+        prompts=[s for p in parts for s in p.prompts],
+        completions=[s for p in parts for s in p.completions],
+        prompt_ids=torch.cat([pad(p.prompt_ids, P, left=True) for p in parts]),
+        prompt_mask=torch.cat([pad(p.prompt_mask, P, left=True, value=False) for p in parts]),
+        completion_ids=torch.cat([pad(p.completion_ids, T, left=False) for p in parts]),
+        completion_mask=torch.cat([pad(p.completion_mask, T, left=False, value=False) for p in parts]),
+        logprobs=torch.cat([pad(p.logprobs, T, left=False, value=0.0) for p in parts]),
+        group_ids=torch.cat([p.group_ids for p in parts]),
+        sample_index=torch.cat([p.sample_index for p in parts]),
+        policy_version=parts[0].policy_version,
+    )
+    order = torch.argsort(joined.sample_index)
+    return select_rollout(joined, order)
+
+
+def select_rollout(r: Rollout, index: torch.Tensor) -> Rollout:
+    """The rows `index` (1-D long) of a rollout, in that order."""
+    idx = index.tolist()
+    kwargs = {}
+    for f in fields(Rollout):
+        value = getattr(r, f.name)
+        if isinstance(value, torch.Tensor):
+            kwargs[f.name] = value[index]
+        elif isinstance(value, list):
+            kwargs[f.name] = [value[i] for i in idx]
+        else:
+            kwargs[f.name] = value
+    return Rollout(**kwargs)
+
+
+def split_indices(n: int, parts: int) -> list[range]:
+    """Split 0..n-1 into `parts` contiguous near-equal ranges (some may be empty when parts > n)."""
+    base, extra = divmod(n, parts)
+    out, start = [], 0
+    for i in range(parts):
+        size = base + (1 if i < extra else 0)
+        out.append(range(start, start + size))
+        start += size
+    return out
+
+
+__all__ = ["Rollout", "TrainBatch", "concat_rollouts", "select_rollout", "split_indices", "replace"]

@@ -1,0 +1,357 @@
+"""Typed run configuration: small dataclasses, one per concern, loaded from YAML with dotted overrides.
+
+Every field is documented exactly once, here, in its `doc` metadata; `rlpipe config --doc` renders the
+same text as the README's reference table. Validation is strict: an unknown key, a value of the wrong
+type or out of range raises one `ConfigError` naming the dotted field, the bad value and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import yaml
+
+from pipeline.errors import UserInputError
+
+PRESET_DIR = os.path.join(os.path.dirname(__file__), "presets")
+
+
+class ConfigError(UserInputError):
+    """A config value is wrong. The message names the field, the value and what is allowed."""
+
+
+def F(default: Any, doc: str, *, choices: tuple | None = None, lo: float | None = None,
+      hi: float | None = None, factory: Any = None) -> Any:
+    """A documented config field. `lo`/`hi` are inclusive bounds for numbers."""
+    meta = {"doc": doc, "choices": choices, "lo": lo, "hi": hi}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    path: str = F("runs/demo/warm", "Policy to train: a Hugging Face causal-LM folder (save_pretrained) or hub "
+                  "name. `rlpipe warmstart` builds the demo's small model here.")
+    dtype: str = F("float32", "Weights dtype for policy, reference and critic.",
+                   choices=("float32", "bfloat16", "float16"))
+    device: str = F("auto", "Where actors run their model: `auto` takes CUDA when the actor was given a GPU, "
+                    "else CPU.", choices=("auto", "cpu", "cuda"))
+    critic: str = F("separate", "Critic form for estimators that need one (gae): `separate` = a value model "
+                    "initialised from `critic_path` (default: the policy) with a linear head; `shared` = a "
+                    "value head on the policy's last hidden state, trained with the policy loss.",
+                    choices=("separate", "shared"))
+    critic_path: Optional[str] = F(None, "Backbone of the separate critic; null = same folder as `path`.")
+
+
+@dataclass
+class DataConfig:
+    train_path: str = F("runs/demo/data/train.parquet", "RL prompt pool: Parquet or JSON lines with a prompt "
+                        "column plus any columns the reward functions read (e.g. `answer`).")
+    eval_path: Optional[str] = F("runs/demo/data/eval.parquet", "Held-out prompts with an `answer` column for "
+                                 "exact-match evaluation; null disables evaluation.")
+    prompt_column: str = F("prompt", "Name of the prompt column in both files.")
+    eval_size: int = F(500, "Eval prompts used (first N rows). A 500-prompt eval moves about +-3.5 points.", lo=1)
+    seed: int = F(0, "Seed of the per-epoch prompt shuffle.")
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = F(64, "B: prompts sampled per training step.", lo=1)
+    samples_per_prompt: int = F(8, "G: completions per prompt (the group GRPO/RLOO normalise over).", lo=1)
+    max_new_tokens: int = F(8, "Completion length cap in tokens.", lo=1)
+    temperature: float = F(1.0, "Sampling temperature; log-probs are computed at this temperature.", lo=1e-3)
+    top_p: float = F(1.0, "Nucleus sampling mass. Below 1 the sampler departs from the policy (off-policy).",
+                     lo=0.0, hi=1.0)
+    top_k: int = F(0, "Top-k sampling; 0 = off.", lo=0)
+    backend: str = F("hf", "Generation backend by registered name (`hf` = transformers generate).")
+    eval_max_new_tokens: Optional[int] = F(None, "Greedy eval completion cap; null = max_new_tokens.")
+
+
+@dataclass
+class RewardConfig:
+    functions: list = F(None, "Reward functions: registered names (`exact_match`, `arithmetic`, "
+                        "`format_number`) or `module:function` of your own, each `(prompts, completions, "
+                        "**columns) -> list[float | None]`.", factory=lambda: ["exact_match"])
+    weights: Optional[list] = F(None, "One weight per function (null = all 1.0); the score is the weighted sum.")
+    failed_reward: float = F(0.0, "Score given to a sample whose reward function raised or returned None "
+                             "(counted in reward/failed).")
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = F("grpo", "Advantage estimator, by registry name: gae (PPO with a critic, Schulman 2016), grpo "
+                  "(Shao 2024), dr_grpo (Liu 2025), rloo (Ahmadian 2024), reinforce_pp (Hu 2025).")
+    clip_range: float = F(0.2, "PPO ratio clip epsilon (Schulman 2017).", lo=0.0, hi=10.0)
+    clip_range_high: Optional[float] = F(None, "Upper clip epsilon; null = clip_range. DAPO uses 0.28.",
+                                         lo=0.0, hi=10.0)
+    dual_clip: Optional[float] = F(None, "Dual-clip bound c > 1 for negative advantages (Ye 2020); null = off.",
+                                   lo=1.0)
+    entropy_coef: float = F(0.0, "Entropy bonus weight (subtracted from the loss).", lo=0.0)
+    kl_coef: float = F(0.0, "Weight of the KL to the frozen reference; 0 = no reference model is run.", lo=0.0)
+    kl_estimator: str = F("k3", "KL estimator (Schulman's k1/k2/k3 approximations).", choices=("k1", "k2", "k3"))
+    kl_in_reward: bool = F(False, "True: subtract kl_coef*KL from the per-token reward (InstructGPT, OpenRLHF); "
+                           "False: add kl_coef*KL to the loss (GRPO).")
+    gamma: float = F(1.0, "Discount for gae / reinforce_pp.", lo=0.0, hi=1.0)
+    lam: float = F(0.95, "GAE lambda.", lo=0.0, hi=1.0)
+    scale_by_std: bool = F(True, "GRPO: divide group-centred scores by the group std.")
+    value_clip: Optional[float] = F(0.2, "Critic value clip around the rollout-time values; null = off.", lo=0.0)
+    value_coef: float = F(0.5, "Weight of the value loss for a `shared` critic.", lo=0.0)
+    loss_agg: str = F("token-mean", "How token losses are averaged: token-mean (DAPO/TRL), seq-mean-token-mean "
+                      "(GRPO paper), seq-mean-token-sum-norm (Dr.GRPO).",
+                      choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
+
+
+@dataclass
+class LearnerConfig:
+    lr: float = F(2e-4, "Policy AdamW learning rate.", lo=0.0, hi=1.0)
+    critic_lr: float = F(1e-3, "Separate critic learning rate.", lo=0.0, hi=1.0)
+    weight_decay: float = F(0.0, "AdamW weight decay.", lo=0.0)
+    warmup_steps: int = F(0, "Linear lr warm-up in training steps.", lo=0)
+    epochs: int = F(1, "Passes over each rollout batch (PPO epochs).", lo=1)
+    minibatch_size: int = F(512, "Sequences per optimizer step; the step's N sequences are split into "
+                            "ceil(N / minibatch_size) minibatches per epoch.", lo=1)
+    max_grad_norm: float = F(1.0, "Gradient clipping by global norm; 0 = off.", lo=0.0)
+
+
+@dataclass
+class ResourcesConfig:
+    num_cpus: Optional[float] = F(None, "CPUs of the local Ray started when no cluster address is given; null "
+                                  "= all of this machine's.", lo=1)
+    rollout_workers: int = F(1, "N generators; each gets a contiguous shard of the step's prompts.", lo=1)
+    reward_scorers: int = F(1, "M reward scorers; each scores a shard of the completions.", lo=1)
+    cpus_per_rollout_worker: float = F(1.0, "CPU share reserved per generator.", lo=0.0)
+    gpus_per_rollout_worker: float = F(0.0, "GPU share per generator.", lo=0.0)
+    cpus_per_reward_scorer: float = F(0.25, "CPU share per reward scorer.", lo=0.0)
+    cpus_per_learner: float = F(1.0, "CPU share of the learner.", lo=0.0)
+    gpus_per_learner: float = F(0.0, "GPU share of the learner.", lo=0.0)
+    cpus_per_reference: float = F(0.25, "CPU share of the reference model (only started when kl_coef > 0).",
+                                  lo=0.0)
+    torch_threads: int = F(0, "Intra-op threads per actor; 0 = round(its CPU share), at least 1.", lo=0)
+    placement_strategy: str = F("PACK", "Placement group strategy for all actors.",
+                                choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+
+
+@dataclass
+class TrainConfig:
+    steps: int = F(200, "Training steps (one rollout batch and its updates each).", lo=1)
+    time_budget_s: Optional[float] = F(None, "Stop after this many seconds of training (a final eval still "
+                                       "runs); null = no limit.", lo=1)
+    eval_every: int = F(10, "Evaluate held-out exact match every N steps (and at the start and end).", lo=1)
+    seed: int = F(0, "Seed of torch, sampling and the prompt order.")
+    output_dir: str = F("runs/grpo", "Run directory: resolved config, checkpoints, MLflow store, plots, model.")
+    log_samples_every: int = F(20, "Log a Parquet table of rollouts to MLflow every N steps; 0 = never.", lo=0)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = F(25, "Checkpoint every N steps (and at the end); 0 = only at the end.", lo=0)
+    keep_last: int = F(2, "Checkpoints kept on disk.", lo=1)
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: Optional[str] = F(None, "MLflow store; null = $MLFLOW_TRACKING_URI or a sqlite file in the run "
+                                    "directory.")
+    experiment: str = F("rlpipe", "MLflow experiment name.")
+    run_name: Optional[str] = F(None, "MLflow run name; null = the output directory's name.")
+    plot: bool = F(True, "Write reward/accuracy curves as a PNG at the end.")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------- parsing
+
+def _allowed_types(tp: Any) -> tuple[list[type], bool]:
+    """(concrete types, optional?) of an annotation like Optional[float] or list."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        concrete = [a for a in args if a is not type(None)]
+        return [typing.get_origin(a) or a for a in concrete], type(None) in args
+    return [origin or tp], False
+
+
+def _coerce(name: str, value: Any, tp: Any, meta: dict) -> Any:
+    kinds, optional = _allowed_types(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{name}: null is not allowed; expected {kinds[0].__name__}")
+    kind = kinds[0]
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    elif kind is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        value = int(value)
+    elif kind is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        value = float(value)
+    elif kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+    elif kind is list:
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, meta['choices']))}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        lo, hi = meta.get("lo"), meta.get("hi")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            bounds = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+            raise ConfigError(f"{name}: {value!r} is out of range; allowed {bounds}")
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of fields, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown config field {prefix}{unknown[0]}; valid fields in "
+                          f"{prefix.rstrip('.') or 'the top level'}: {', '.join(known)}")
+    kwargs = {}
+    for name, f in known.items():
+        if name not in data:
+            continue
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], data[name], f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(f"{prefix}{name}", data[name], hints[name], dict(f.metadata))
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    """A command-line override value: YAML scalar/list syntax (`0.1`, `true`, `null`, `[a, b]`)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def resolve_preset(path_or_name: str) -> str:
+    """A config file path, or the name of a shipped preset (`grpo`, `ppo`, ...)."""
+    if os.path.exists(path_or_name):
+        return path_or_name
+    preset = os.path.join(PRESET_DIR, f"{path_or_name}.yaml")
+    if os.path.exists(preset):
+        return preset
+    names = sorted(p[:-5] for p in os.listdir(PRESET_DIR) if p.endswith(".yaml"))
+    raise ConfigError(f"config {path_or_name!r} is neither a file nor a preset; presets: {', '.join(names)}")
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple = (), base: dict | None = None) -> RunConfig:
+    """Defaults <- YAML file (or preset name) <- `a.b=value` overrides, then validated."""
+    tree: dict = json.loads(json.dumps(base)) if base else {}
+    if path:
+        file = resolve_preset(path)
+        with open(file) as fh:
+            try:
+                loaded = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{file}: not valid YAML ({err})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{file}: expected a mapping of sections at the top level")
+        for section, values in loaded.items():
+            if isinstance(values, dict) and isinstance(tree.get(section), dict):
+                tree[section].update(values)
+            else:
+                tree[section] = values
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.field=value, e.g. algorithm.clip_range=0.1")
+        key, _, value = item.partition("=")
+        set_dotted(tree, key.strip(), _parse_scalar(value))
+    return validate(_build(RunConfig, tree, ""))
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Checks that span fields. Names live in registries, imported here lazily to keep the CLI quick."""
+    from pipeline.algorithms.advantages import ADVANTAGE_ESTIMATORS
+
+    if cfg.algorithm.name not in ADVANTAGE_ESTIMATORS:
+        raise ConfigError(f"algorithm.name: {cfg.algorithm.name!r} is not an estimator; valid: "
+                          f"{', '.join(ADVANTAGE_ESTIMATORS.names())}")
+    if cfg.reward.weights is not None and len(cfg.reward.weights) != len(cfg.reward.functions):
+        raise ConfigError(f"reward.weights: {len(cfg.reward.weights)} weights for "
+                          f"{len(cfg.reward.functions)} functions; give one per function or null")
+    if not cfg.reward.functions:
+        raise ConfigError("reward.functions: empty; give at least one reward function name")
+    group_estimators = {"grpo", "dr_grpo", "rloo"}
+    if cfg.algorithm.name in group_estimators and cfg.rollout.samples_per_prompt < 2:
+        raise ConfigError(f"rollout.samples_per_prompt: {cfg.algorithm.name} compares samples within a group; "
+                          "use 2 or more")
+    return cfg
+
+
+def flat_dict(cfg: RunConfig) -> dict[str, Any]:
+    out = {}
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v
+
+    walk(cfg.to_dict(), "")
+    return out
+
+
+def config_reference_markdown() -> str:
+    """The README's config reference, generated from the one place fields are documented."""
+    lines = ["| field | default | what it does |", "|---|---|---|"]
+    hints = typing.get_type_hints(RunConfig)
+    for section in dataclasses.fields(RunConfig):
+        cls = hints[section.name]
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            meta = f.metadata
+            extra = f" One of: {', '.join(meta['choices'])}." if meta.get("choices") else ""
+            lines.append(f"| `{section.name}.{f.name}` | `{json.dumps(default)}` | {meta['doc']}{extra} |")
+    return "\n".join(lines)

@@ -1,0 +1,51 @@
+"""One registry per kind of choice (advantage estimators, reward functions, generation backends).
+
+A registry maps a name to an object plus optional metadata (e.g. whether an advantage estimator needs
+a critic). It refuses duplicate names and lists the valid names when asked for an unknown one, so a
+config typo gets one clear error instead of a KeyError deep in a run.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Generic, Iterator, TypeVar
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict[str, T] = {}
+        self._meta: dict[str, dict[str, Any]] = {}
+
+    def register(self, name: str, **meta: Any) -> Callable[[T], T]:
+        """Decorator: `@REGISTRY.register("name", needs_critic=True)`."""
+
+        def add(obj: T) -> T:
+            self.add(name, obj, **meta)
+            return obj
+
+        return add
+
+    def add(self, name: str, obj: T, **meta: Any) -> None:
+        if name in self._items:
+            raise ValueError(f"{self.kind} {name!r} is already registered; pick another name")
+        self._items[name] = obj
+        self._meta[name] = dict(meta)
+
+    def get(self, name: str) -> T:
+        if name not in self._items:
+            raise KeyError(f"unknown {self.kind} {name!r}; valid names: {', '.join(sorted(self._items))}")
+        return self._items[name]
+
+    def meta(self, name: str) -> dict[str, Any]:
+        self.get(name)
+        return self._meta[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._items))

@@ -1,0 +1,141 @@
+"""Reward functions: pure, batched, chosen by name or `module:function`.
+
+A reward function is `(prompts: list[str], completions: list[str], **columns) -> list[float | None]`,
+where `columns` are the dataset's extra columns for the same rows (e.g. `answer`), and `None` means
+"cannot score this sample". Functions must not print or keep state between calls.
+
+`RewardComposer` turns a list of such functions into one score per sample. A function that raises on
+the batch is retried sample by sample, so one bad sample fails alone: its score becomes
+`failed_reward` and it is counted in the `reward/failed` metric, while the run goes on.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+from pipeline.errors import UserInputError
+from pipeline.registry import Registry
+
+RewardFn = Callable[..., list]
+REWARD_FUNCTIONS: Registry[RewardFn] = Registry("reward function")
+
+_NUMBER = re.compile(r"^\s*(-?\d+)\s*$")
+_EXPRESSION = re.compile(r"^\s*(-?\d+)\s*([-+*])\s*(-?\d+)\s*=\s*$")
+
+
+@REWARD_FUNCTIONS.register("exact_match")
+def exact_match(prompts: list[str], completions: list[str], answer: Sequence, **_) -> list[float]:
+    """1.0 when the stripped completion equals the `answer` column as a string, else 0.0."""
+    return [float(c.strip() == str(a).strip()) for c, a in zip(completions, answer)]
+
+
+@REWARD_FUNCTIONS.register("arithmetic")
+def arithmetic(prompts: list[str], completions: list[str], **_) -> list[Optional[float]]:
+    """A verifier that needs no labels: evaluates the prompt `a+b=` itself. None if the prompt is not one."""
+    out: list[Optional[float]] = []
+    for prompt, completion in zip(prompts, completions):
+        m = _EXPRESSION.match(prompt)
+        if m is None:
+            out.append(None)
+            continue
+        a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+        truth = a + b if op == "+" else a - b if op == "-" else a * b
+        out.append(float(completion.strip() == str(truth)))
+    return out
+
+
+@REWARD_FUNCTIONS.register("format_number")
+def format_number(prompts: list[str], completions: list[str], **_) -> list[float]:
+    """1.0 when the completion is a bare integer (a shaping term for the arithmetic task)."""
+    return [float(_NUMBER.match(c) is not None) for c in completions]
+
+
+class RewardLoadError(UserInputError):
+    """A reward function name that is neither registered nor importable."""
+
+
+def resolve_reward_fn(spec: str) -> RewardFn:
+    """A registered name, or `package.module:function` importable from the working directory."""
+    if spec in REWARD_FUNCTIONS:
+        return REWARD_FUNCTIONS.get(spec)
+    if ":" not in spec:
+        raise RewardLoadError(f"reward function {spec!r} is not registered ({', '.join(REWARD_FUNCTIONS.names())})"
+                              " and is not of the form module:function")
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # an import can fail in many ways; all mean "fix your module"
+        raise RewardLoadError(f"reward function {spec!r}: cannot import module {module_name!r} "
+                              f"({type(err).__name__}: {err}); make it importable from the working directory "
+                              "or PYTHONPATH") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise RewardLoadError(f"reward function {spec!r}: module {module_name!r} has no callable {attr!r}")
+    params = inspect.signature(fn).parameters
+    if len(params) < 2:
+        raise RewardLoadError(f"reward function {spec!r} must accept (prompts, completions, **columns)")
+    return fn
+
+
+@dataclass
+class ScoredShard:
+    scores: list[float]        # (n,) weighted sum; failed samples get failed_reward
+    failed: list[bool]         # (n,) some function raised or returned None/NaN for this sample
+    per_function: dict         # name -> (n,) raw values (None where failed), for logging
+
+
+class RewardComposer:
+    """Weighted sum of reward functions with per-sample failure isolation."""
+
+    def __init__(self, specs: list[str], weights: Optional[list[float]] = None, failed_reward: float = 0.0):
+        self.specs = list(specs)
+        self.fns = [resolve_reward_fn(s) for s in self.specs]
+        self.weights = list(weights) if weights is not None else [1.0] * len(self.fns)
+        self.failed_reward = failed_reward
+
+    def score(self, prompts: list[str], completions: list[str], columns: dict[str, list]) -> ScoredShard:
+        n = len(prompts)
+        total = [0.0] * n
+        failed = [False] * n
+        per_function = {}
+        for spec, fn, w in zip(self.specs, self.fns, self.weights):
+            values = self._call(fn, prompts, completions, columns)
+            per_function[spec] = values
+            for i, v in enumerate(values):
+                if v is None:
+                    failed[i] = True
+                else:
+                    total[i] += w * v
+        scores = [self.failed_reward if f else s for s, f in zip(total, failed)]
+        return ScoredShard(scores=scores, failed=failed, per_function=per_function)
+
+    @staticmethod
+    def _call(fn: RewardFn, prompts, completions, columns) -> list[Optional[float]]:
+        n = len(prompts)
+        try:
+            values = list(fn(prompts, completions, **columns))
+            if len(values) != n:
+                raise ValueError(f"returned {len(values)} values for {n} samples")
+        except Exception:  # user code: isolate the failing samples by retrying one at a time
+            values = []
+            for i in range(n):
+                try:
+                    one = fn(prompts[i:i + 1], completions[i:i + 1], **{k: v[i:i + 1] for k, v in columns.items()})
+                    values.append(one[0] if len(one) == 1 else None)
+                except Exception:
+                    values.append(None)
+        return [_finite_or_none(v) for v in values]
+
+
+def _finite_or_none(v) -> Optional[float]:
+    if v is None:
+        return None
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None

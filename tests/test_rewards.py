@@ -1,0 +1,77 @@
+"""Reward functions on literal strings, user functions by module:function, per-sample failure isolation."""
+import sys
+import textwrap
+
+import pytest
+
+from pipeline.rewards import REWARD_FUNCTIONS, RewardComposer, RewardLoadError, resolve_reward_fn
+
+pytestmark = pytest.mark.unit
+
+
+def test_exact_match_strips_whitespace():
+    fn = REWARD_FUNCTIONS.get("exact_match")
+    assert fn(["1+2="] * 4, ["3", " 3 ", "4", "33"], answer=["3", "3", "3", 3]) == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_arithmetic_verifier_needs_no_labels():
+    fn = REWARD_FUNCTIONS.get("arithmetic")
+    assert fn(["37+48=", "9-12=", "6*7=", "hello"], ["85", "-3", "41", "1"]) == [1.0, 1.0, 0.0, None]
+
+
+def test_format_number():
+    assert REWARD_FUNCTIONS.get("format_number")(["p"] * 3, ["12", "1 2", "x"]) == [1.0, 0.0, 0.0]
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(textwrap.dedent("""
+        def length_penalty(prompts, completions, **columns):
+            return [-0.1 * len(c) for c in completions]
+
+        def picky(prompts, completions, answer, **columns):
+            out = []
+            for c, a in zip(completions, answer):
+                if c == "boom":
+                    raise ValueError("cannot parse")
+                out.append(float(c == a))
+            return out
+
+        def undecided(prompts, completions, **columns):
+            return [None if c == "?" else 1.0 for c in completions]
+
+        not_a_function = 3
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "my_rewards"
+    sys.modules.pop("my_rewards", None)
+
+
+def test_user_function_by_module_path(user_module):
+    fn = resolve_reward_fn(f"{user_module}:length_penalty")
+    assert fn(["p"], ["abc"]) == pytest.approx([-0.3])
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("no_such_reward", "is not registered"),
+    ("no_such_module_xyz:fn", "cannot import module 'no_such_module_xyz'"),
+    ("my_rewards:missing", "has no callable 'missing'"),
+    ("my_rewards:not_a_function", "has no callable 'not_a_function'"),
+])
+def test_unloadable_reward_names_the_fix(user_module, spec, fragment):
+    with pytest.raises(RewardLoadError, match=fragment):
+        resolve_reward_fn(spec)
+
+
+def test_raising_sample_fails_alone_and_weights_sum(user_module):
+    composer = RewardComposer([f"{user_module}:picky", f"{user_module}:length_penalty"], weights=[1.0, 0.5],
+                              failed_reward=-1.0)
+    shard = composer.score(["a", "b", "c"], ["12", "boom", "13"], {"answer": ["12", "12", "12"]})
+    assert shard.failed == [False, True, False]
+    assert shard.scores == pytest.approx([1.0 - 0.5 * 0.2, -1.0, 0.0 - 0.5 * 0.2])
+
+
+def test_none_and_nan_mark_failure(user_module):
+    composer = RewardComposer([f"{user_module}:undecided"])
+    shard = composer.score(["a", "b"], ["?", "x"], {})
+    assert shard.failed == [True, False] and shard.scores == [0.0, 1.0]
