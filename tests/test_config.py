@@ -64,3 +64,10 @@ def test_every_field_documented_once():
     doc = config_reference_markdown()
     for key in flat_dict(RunConfig()):
         assert doc.count(f"| `{key}` |") == 1, key
+
+
+def test_readme_reference_is_the_generated_one():
+    import os
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    assert config_reference_markdown() in readme, "README is stale: paste `rlpipe config --doc` into it"

@@ -1,0 +1,114 @@
+"""Starting the run's actors inside one placement group, sized from `ResourcesConfig`.
+
+Every actor gets a bundle of its own (CPU/GPU shares from config), so the layout is reserved up front:
+either the cluster can hold all of it and the run starts, or `ClusterTooSmall` says what is missing
+before any model is loaded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.shells import Learner, Reference, RewardScorer, RolloutWorker
+from pipeline.config import RunConfig
+from pipeline.errors import UserInputError
+
+
+class ClusterTooSmall(UserInputError):
+    """The requested actor layout does not fit the cluster's resources."""
+
+
+@dataclass
+class ActorPools:
+    generators: list
+    scorers: list
+    learner: object
+    reference: object | None
+    placement_group: object | None = None
+    bundles: list[dict] = field(default_factory=list)
+
+    def all(self) -> list:
+        return [a for a in [self.learner, *self.generators, *self.scorers, self.reference] if a is not None]
+
+    def wait_ready(self) -> None:
+        """Block until every actor's constructor ran; a failing one raises its error here."""
+        ray.get([a.__ray_ready__.remote() for a in self.all()])
+
+    def shutdown(self) -> None:
+        for actor in self.all():
+            ray.kill(actor)
+        if self.placement_group is not None:
+            remove_placement_group(self.placement_group)
+
+
+def layout(cfg: RunConfig) -> list[tuple[str, dict]]:
+    """(role, bundle) per actor, in start order."""
+    r = cfg.resources
+
+    def bundle(cpus: float, gpus: float = 0.0) -> dict:
+        b = {"CPU": cpus}
+        if gpus:
+            b["GPU"] = gpus
+        return b
+
+    roles = [("learner", bundle(r.cpus_per_learner, r.gpus_per_learner))]
+    roles += [("generator", bundle(r.cpus_per_rollout_worker, r.gpus_per_rollout_worker))] * r.rollout_workers
+    roles += [("scorer", bundle(r.cpus_per_reward_scorer))] * r.reward_scorers
+    if cfg.algorithm.kl_coef > 0:
+        roles += [("reference", bundle(r.cpus_per_reference, r.gpus_per_learner and min(r.gpus_per_learner, 1.0)))]
+    return roles
+
+
+def check_fits(roles: list[tuple[str, dict]], available: dict[str, float]) -> None:
+    """Raise ClusterTooSmall naming the resource, what the layout needs and what the cluster has."""
+    for resource in ("CPU", "GPU"):
+        need = sum(b.get(resource, 0.0) for _, b in roles)
+        have = available.get(resource, 0.0)
+        if need > have + 1e-9:
+            parts = ", ".join(f"{role} {b.get(resource, 0.0):g}" for role, b in roles if b.get(resource))
+            raise ClusterTooSmall(
+                f"the actor layout needs {need:g} {resource} ({parts}) but the cluster has {have:g}; lower the "
+                f"resources.*_per_* shares or the worker counts, or add nodes")
+
+
+def start_actors(cfg: RunConfig, own_placement_group: bool = True) -> ActorPools:
+    """Start all actors. With `own_placement_group=False` (inside a Tune trial) they land in the caller's."""
+    roles = layout(cfg)
+    check_fits(roles, ray.cluster_resources())
+    pg = None
+    if own_placement_group:
+        pg = placement_group([b for _, b in roles], strategy=cfg.resources.placement_strategy)
+        ready, _ = ray.wait([pg.ready()], timeout=60)
+        if not ready:
+            remove_placement_group(pg)
+            raise ClusterTooSmall(f"placement group {[b for _, b in roles]} ({cfg.resources.placement_strategy}) "
+                                  "could not be reserved within 60 s; the cluster is busy or too fragmented")
+    r = cfg.resources
+
+    def options(i: int, bundle: dict) -> dict:
+        opts = {"num_cpus": bundle["CPU"], "num_gpus": bundle.get("GPU", 0)}
+        if pg is not None:
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
+        return opts
+
+    def threads(share: float) -> int:
+        return r.torch_threads or max(1, round(share))
+
+    learner = generators = scorers = reference = None
+    generators, scorers = [], []
+    for i, (role, b) in enumerate(roles):
+        if role == "learner":
+            learner = Learner.options(**options(i, b)).remote(cfg, threads(b["CPU"]))
+        elif role == "generator":
+            generators.append(RolloutWorker.options(**options(i, b)).remote(
+                cfg.model, cfg.rollout, len(generators), cfg.train.seed, threads(b["CPU"])))
+        elif role == "scorer":
+            scorers.append(RewardScorer.options(**options(i, b)).remote(
+                cfg.reward.functions, cfg.reward.weights, cfg.reward.failed_reward))
+        else:
+            reference = Reference.options(**options(i, b)).remote(cfg.model, cfg.rollout.temperature,
+                                                                 threads(b["CPU"]))
+    return ActorPools(generators, scorers, learner, reference, pg, [b for _, b in roles])

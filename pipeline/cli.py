@@ -1,0 +1,121 @@
+"""The `rlpipe` command. Heavy libraries are imported inside each subcommand to keep `--help` instant."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config file or preset name (grpo, ppo, ...); default: the "
+                   "resumed run's saved config, else built-in defaults")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in train.output_dir")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray on this machine)")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value",
+                   help="config overrides, e.g. algorithm.clip_range=0.1 learner.lr=1e-4")
+
+
+def cmd_train(args) -> int:
+    import os
+
+    from pipeline.config import load_config
+    from pipeline.run import run_training
+
+    config = args.config
+    overrides = list(args.overrides)
+    if args.resume:
+        config = config or os.path.join(args.resume, "config.yaml")
+        overrides.append(f"train.output_dir={args.resume}")
+    cfg = load_config(config, overrides)
+    summary = run_training(cfg, resume=bool(args.resume), overwrite=args.overwrite, address=args.address)
+    print(f"run directory: {summary['run_dir']}  (MLflow run {summary['mlflow_run_id']})")
+    return 0
+
+
+def cmd_warmstart(args) -> int:
+    from pipeline.warmstart import run_warmstart
+
+    run_warmstart(args.out, seed=args.seed)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from pipeline.data import read_prompt_table
+    from pipeline.evaluation import exact_match_accuracy
+    from pipeline.models import load_causal_lm, load_tokenizer
+
+    table = read_prompt_table(args.data, ("prompt", "answer")).slice(0, args.n)
+    model, tok = load_causal_lm(args.model), load_tokenizer(args.model)
+    acc = exact_match_accuracy(model, tok, table.column("prompt").to_pylist(),
+                               [str(a) for a in table.column("answer").to_pylist()], args.max_new_tokens)
+    print(f"{args.model}: exact match {acc:.1%} on {table.num_rows} prompts of {args.data}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from pipeline.demo import run_demo
+
+    run_demo(args.out, algos=args.algos.split(","), rl_minutes=args.rl_minutes, sft_minutes=args.sft_minutes)
+    return 0
+
+
+def cmd_config(args) -> int:
+    from pipeline.config import config_reference_markdown, load_config
+
+    if args.doc:
+        print(config_reference_markdown())
+    else:
+        print(load_config(args.config, args.overrides).to_yaml(), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlpipe", description="Ray-based RL for language models: rollout "
+                                     "generators, reward scorers and learners as Ray actors.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a policy with RL (GRPO, PPO, ...)")
+    _add_train_args(p)
+    p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("warmstart", help="build the demo task, a small model, and fine-tune it supervised")
+    p.add_argument("--out", default="runs/demo", help="folder for data/, init/, warm/ (default runs/demo)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data, init and training")
+    p.set_defaults(fn=cmd_warmstart)
+    p = sub.add_parser("eval", help="greedy exact-match accuracy of a model folder on a prompt/answer file")
+    p.add_argument("--model", required=True, help="Hugging Face model folder")
+    p.add_argument("--data", required=True, help="Parquet or JSONL file with prompt and answer columns")
+    p.add_argument("--n", type=int, default=500, help="rows to evaluate (default 500)")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="completion cap (default 8)")
+    p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("demo", help="the local demo: warm start, RL (GRPO and PPO), supervised baseline")
+    p.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo)")
+    p.add_argument("--algos", default="grpo,ppo", help="comma-separated presets to train (default grpo,ppo)")
+    p.add_argument("--rl-minutes", type=float, default=10.0, help="RL time budget per algorithm (default 10)")
+    p.add_argument("--sft-minutes", type=float, default=10.0,
+                   help="continued supervised training for the baseline; 0 skips it (default 10)")
+    p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("config", help="print the resolved config, or the field reference with --doc")
+    p.add_argument("--config", "-c", help="YAML file or preset name")
+    p.add_argument("--doc", action="store_true", help="print every field with its default and meaning")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value")
+    p.set_defaults(fn=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        print("interrupted; finished steps are checkpointed and logged (resume with --resume)", file=sys.stderr)
+        return 130
+    except Exception as err:
+        from pipeline.errors import UserInputError
+
+        if isinstance(err, UserInputError):
+            print(f"rlpipe {args.command}: error: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""One training run end to end: checks, Ray, actors, the step loop, evaluation, checkpoints, tracking."""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from typing import Callable, Optional
+
+from pipeline.config import RunConfig, flat_dict
+from pipeline.errors import UserInputError
+
+
+class RunDirError(UserInputError):
+    """The output directory already holds a run (or holds none to resume)."""
+
+
+def init_ray(cfg: RunConfig, address: Optional[str] = None) -> bool:
+    """Join `address`/$RAY_ADDRESS, or start a local Ray on this machine. True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level="WARNING")
+        return False
+    ray.init(num_cpus=cfg.resources.num_cpus or os.cpu_count(), include_dashboard=False,
+             logging_level="WARNING", runtime_env={"env_vars": {"PYTHONPATH": local_pythonpath()}})
+    return True
+
+
+def local_pythonpath() -> str:
+    """The driver's own import path (cwd and user folders, not site-packages) for local actors, so a
+    reward function the driver can import by `module:function` imports the same way in a scorer."""
+    import sys
+
+    std = (sys.prefix, sys.base_prefix, sys.exec_prefix)
+    user = [p for p in sys.path if p and os.path.isdir(p) and "site-packages" not in p
+            and not any(os.path.abspath(p).startswith(os.path.join(s, "lib")) for s in std)]
+    extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return os.pathsep.join(dict.fromkeys([os.getcwd(), *user, *extra]))
+
+
+def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool):
+    """The latest checkpoint to resume from (or None), after checking the directory's state."""
+    from pipeline.checkpoint import latest_checkpoint, load_checkpoint
+
+    run_dir = cfg.train.output_dir
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if resume:
+        path = latest_checkpoint(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+        if path is None:
+            raise RunDirError(f"--resume: no checkpoint in {ckpt_dir}; start the run without --resume")
+        return load_checkpoint(path)
+    if os.path.exists(os.path.join(run_dir, "config.yaml")):
+        if not overwrite:
+            raise RunDirError(f"train.output_dir {run_dir!r} already holds a run; pass --resume to continue it, "
+                              "--overwrite to replace it, or set train.output_dir=<new folder>")
+        shutil.rmtree(run_dir)
+    return None
+
+
+def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, address: Optional[str] = None,
+                 on_step: Optional[Callable] = None, own_placement_group: bool = True,
+                 parent_run_id: Optional[str] = None, log: Callable = print) -> dict:
+    """Train until `train.steps` or `train.time_budget_s`. Returns a summary dict.
+
+    `on_step(step, metrics, trainer)` is called after each logged step (Ray Tune reports through it).
+    """
+    import ray
+
+    from actors.pools import start_actors
+    from pipeline.checkpoint import save_hf_model  # noqa: F401  (import errors surface before any work)
+    from pipeline.driver import Trainer
+    from pipeline.preflight import preflight
+    from pipeline.tracking import ConsoleLog, Tracker
+
+    train_table, eval_table, _ = preflight(cfg)          # nothing is written before these checks pass
+    ckpt = prepare_run_dir(cfg, resume, overwrite)
+    started_ray = init_ray(cfg, address)
+    pools = None
+    try:
+        pools = start_actors(cfg, own_placement_group=own_placement_group)
+        pools.wait_ready()                              # model-load errors surface before the run dir exists
+        run_dir = cfg.train.output_dir
+        os.makedirs(run_dir, exist_ok=True)
+        config_path = os.path.join(run_dir, "config.yaml")
+        with open(config_path, "w") as fh:
+            fh.write(cfg.to_yaml())
+        tracker = Tracker(run_dir, experiment=cfg.tracking.experiment,
+                          run_name=cfg.tracking.run_name or os.path.basename(os.path.abspath(run_dir)),
+                          tracking_uri=cfg.tracking.tracking_uri,
+                          resume_run_id=ckpt.extra["mlflow_run_id"] if ckpt else None,
+                          parent_run_id=parent_run_id)
+        with tracker:
+            if ckpt is None:
+                tracker.log_params(flat_dict(cfg))
+                tracker.log_artifact(config_path)
+            trainer = Trainer(cfg, pools, train_table, eval_table, tracker,
+                              ConsoleLog(total_steps=cfg.train.steps, time_budget_s=cfg.train.time_budget_s))
+            if ckpt is not None:
+                trainer.restore(ckpt)
+                log(f"resumed {run_dir} at step {trainer.step_count} (policy version {trainer.version})")
+            summary = _loop(cfg, trainer, tracker, run_dir, on_step, log)
+        return summary
+    finally:
+        if pools is not None:
+            pools.shutdown()
+        if started_ray:
+            ray.shutdown()
+
+
+def _loop(cfg: RunConfig, trainer, tracker, run_dir: str, on_step, log) -> dict:
+    from pipeline.plots import plot_training_curves
+
+    t, budget = cfg.train, cfg.train.time_budget_s
+    if trainer.step_count == 0:
+        acc = trainer.evaluate()
+        if acc is not None:
+            tracker.log_metrics(0, {"eval/accuracy": acc})
+            log(f"step 0: held-out exact match {acc:.1%} before RL")
+    last_saved = trainer.step_count
+    while trainer.step_count < t.steps and (budget is None or trainer.elapsed_s < budget):
+        start = time.perf_counter()
+        metrics = trainer.step()
+        step = trainer.step_count
+        out_of_time = budget is not None and trainer.elapsed_s + time.perf_counter() - start >= budget
+        if step % t.eval_every == 0 or step == t.steps or out_of_time:
+            metrics["eval/accuracy"] = trainer.evaluate()
+        trainer.elapsed_s += time.perf_counter() - start
+        metrics["time/elapsed_s"] = trainer.elapsed_s
+        tracker.log_metrics(step, {k: v for k, v in metrics.items() if v is not None})
+        trainer.console.log(step, metrics)
+        if t.log_samples_every and step % t.log_samples_every == 0:
+            tracker.log_table(trainer.samples, f"rollouts_step_{step:06d}")
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+            trainer.save(run_dir)
+            last_saved = step
+        if on_step is not None:
+            on_step(step, metrics, trainer)
+    if last_saved != trainer.step_count:
+        trainer.save(run_dir)
+    final_dir = os.path.join(run_dir, "final_model")
+    import ray
+
+    ray.get(trainer.pools.learner.save_pretrained.remote(final_dir))
+    tracker.log_artifact(final_dir, "final_model")
+    history = tracker.history.get("eval/accuracy", [])
+    elapsed = dict(tracker.history.get("time/elapsed_s", []))
+    summary = {
+        "steps": trainer.step_count, "elapsed_s": round(trainer.elapsed_s, 1),
+        "initial_accuracy": history[0][1] if history else None,
+        "final_accuracy": history[-1][1] if history else None,
+        "best_accuracy": max(v for _, v in history) if history else None,
+        "run_dir": run_dir, "mlflow_run_id": tracker.run_id, "final_model": final_dir,
+        "accuracy_curve_s": [(elapsed.get(step, 0.0), acc) for step, acc in history],
+    }
+    tracker.log_metrics(trainer.step_count + 1, {f"summary/{k}": v for k, v in summary.items()
+                                                 if isinstance(v, (int, float)) and k != "steps"})
+    if cfg.tracking.plot:
+        png = plot_training_curves(tracker.history, os.path.join(run_dir, "curves.png"),
+                                   title=f"{cfg.algorithm.name} on {os.path.basename(cfg.data.train_path)}")
+        tracker.log_artifact(png)
+    if history:
+        log(f"done: {summary['steps']} steps in {summary['elapsed_s']:.0f} s, held-out exact match "
+            f"{summary['initial_accuracy']:.1%} -> {summary['final_accuracy']:.1%} (best {summary['best_accuracy']:.1%})")
+    return summary

@@ -1,0 +1,122 @@
+"""End to end through `rlpipe train`: learning, resume without duplicate steps, bad input writes nothing."""
+import os
+import shutil
+
+import mlflow
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.run import run_training
+
+TESTS = os.path.dirname(__file__)
+
+
+def run_args(task, out, *extra):
+    return [f"model.path={task['model']}", f"data.train_path={task['data']['train']}",
+            f"data.eval_path={task['data']['eval']}", "data.eval_size=20", f"train.output_dir={out}",
+            "rollout.prompts_per_step=8", "rollout.samples_per_prompt=4", "rollout.max_new_tokens=6",
+            "resources.num_cpus=2", "resources.cpus_per_rollout_worker=0.5", "resources.cpus_per_learner=0.5",
+            "resources.torch_threads=1", "train.log_samples_every=2", *extra]
+
+
+@pytest.mark.slow
+def test_reward_rises_params_change_and_workers_sync(tiny_task, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(TESTS)
+    out = tmp_path / "learn"
+    cfg = load_config("grpo", run_args(tiny_task, out, "reward.functions=[rewards_for_tests:sevens]",
+                                       "learner.lr=1e-2", "train.steps=15", "train.time_budget_s=null",
+                                       "train.eval_every=5", "checkpoint.every=0"))
+    synced = []
+
+    def on_step(step, metrics, trainer):
+        import ray
+        from pipeline.weights import checksum_arrays  # noqa: F401
+        learner_sum = ray.get(trainer.pools.learner.export_weights.remote()).checksum
+        synced.append(ray.get([g.weights_checksum.remote() for g in trainer.pools.generators]) == [learner_sum])
+
+    summary = run_training(cfg, on_step=on_step)
+    assert summary["steps"] == 15 and all(synced) and len(synced) == 15
+    client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
+    rewards = [m.value for m in sorted(client.get_metric_history(summary["mlflow_run_id"], "reward/mean"),
+                                       key=lambda m: m.step)]
+    assert sum(rewards[-3:]) / 3 > 2 * sum(rewards[:3]) / 3 + 0.05, rewards
+    before = load_file(os.path.join(tiny_task["model"], "model.safetensors"))
+    after = load_file(os.path.join(summary["final_model"], "model.safetensors"))
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) > len(before) // 2
+    assert os.path.getsize(os.path.join(out, "curves.png")) > 10_000
+    artifacts = {a.path for a in client.list_artifacts(summary["mlflow_run_id"])}
+    assert {"config.yaml", "curves.png", "final_model", "samples"} <= artifacts
+
+
+class Crash(RuntimeError):
+    pass
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_without_logging_a_step_twice(tiny_task, tmp_path):
+    out = tmp_path / "resume"
+    args = run_args(tiny_task, out, "train.steps=5", "train.eval_every=2", "checkpoint.every=2")
+
+    def crash_at_3(step, metrics, trainer):
+        if step == 3:
+            raise Crash("simulated failure after the step-2 checkpoint")
+
+    with pytest.raises(Crash):
+        run_training(load_config("grpo", args), on_step=crash_at_3)
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_000002"]
+    assert main(["train", "--resume", str(out)]) == 0
+    client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("rlpipe").experiment_id])
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "reward/mean")]
+    assert sorted(steps) == [1, 2, 3, 4, 5]
+    assert run.info.status == "FINISHED"
+    assert "step_000005" in os.listdir(out / "checkpoints")
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("unknown_field", "unknown config field algorithm.clip_rang"),
+    ("missing_file", "no_such.parquet"),
+    ("missing_column", "prompt"),
+    ("not_a_model", "is not a Hugging Face model folder"),
+    ("bad_reward", "cannot import module 'no_such_module'"),
+])
+def test_bad_input_one_clear_error_and_no_run_dir(tiny_task, tmp_path, capsys, case, fragment):
+    out = tmp_path / "bad"
+    args = run_args(tiny_task, out)
+    if case == "unknown_field":
+        args.append("algorithm.clip_rang=0.1")
+    elif case == "missing_file":
+        args.append(f"data.train_path={tmp_path}/no_such.parquet")
+    elif case == "missing_column":
+        args.append(f"data.prompt_column=question")
+    elif case == "not_a_model":
+        (tmp_path / "empty").mkdir()
+        args.append(f"model.path={tmp_path}/empty")
+    else:
+        args.append("reward.functions=[no_such_module:score]")
+    assert main(["train", "--config", "grpo", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0], err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_reward_that_raises_on_a_sample_is_counted_and_run_goes_on(tiny_task, tmp_path, monkeypatch):
+    (tmp_path / "flaky_reward.py").write_text(
+        "def flaky(prompts, completions, **columns):\n"
+        "    if any('1' in c for c in completions) and len(completions) > 1:\n"
+        "        raise ValueError('batch mode broken')\n"
+        "    return [1 / 0 if '1' in c else 0.5 for c in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "flaky"
+    cfg = load_config("grpo", run_args(tiny_task, out, "reward.functions=[flaky_reward:flaky]", "train.steps=2",
+                                       "train.eval_every=2"))
+    summary = run_training(cfg)
+    client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
+    failed = client.get_metric_history(summary["mlflow_run_id"], "reward/failed")
+    assert summary["steps"] == 2 and sum(m.value for m in failed) > 0
