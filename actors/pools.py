@@ -88,8 +88,10 @@ def start_actors(cfg: RunConfig, own_placement_group: bool = True) -> ActorPools
                                   "could not be reserved within 60 s; the cluster is busy or too fragmented")
     r = cfg.resources
 
-    def options(i: int, bundle: dict) -> dict:
+    def options(i: int, bundle: dict, restartable: bool = False) -> dict:
         opts = {"num_cpus": bundle["CPU"], "num_gpus": bundle.get("GPU", 0)}
+        if restartable:   # Ray restarts it; the driver restores its state and resends the shard
+            opts["max_restarts"] = -1
         if pg is not None:
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
         return opts
@@ -103,10 +105,10 @@ def start_actors(cfg: RunConfig, own_placement_group: bool = True) -> ActorPools
         if role == "learner":
             learner = Learner.options(**options(i, b)).remote(cfg, threads(b["CPU"]))
         elif role == "generator":
-            generators.append(RolloutWorker.options(**options(i, b)).remote(
+            generators.append(RolloutWorker.options(**options(i, b, restartable=True)).remote(
                 cfg.model, cfg.rollout, len(generators), cfg.train.seed, threads(b["CPU"])))
         elif role == "scorer":
-            scorers.append(RewardScorer.options(**options(i, b)).remote(
+            scorers.append(RewardScorer.options(**options(i, b, restartable=True)).remote(
                 cfg.reward.functions, cfg.reward.weights, cfg.reward.failed_reward))
         else:
             reference = Reference.options(**options(i, b)).remote(cfg.model, cfg.rollout.temperature,

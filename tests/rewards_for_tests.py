@@ -4,3 +4,15 @@
 def sevens(prompts, completions, **columns):
     """Share of completion characters that are '7'."""
     return [c.count("7") / max(len(c), 1) for c in completions]
+
+
+def dies_once(prompts, completions, **columns):
+    """Ends its own process the first time it is called (marker file from $RLPIPE_DIE_MARKER), then
+    scores like `sevens`: a scorer that dies mid-step, by its process, exactly once."""
+    import os
+
+    marker = os.environ["RLPIPE_DIE_MARKER"]
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)
+    return sevens(prompts, completions)
