@@ -31,6 +31,9 @@ class RewardScorer(RewardComposer):
 class Learner(_Learner):
     """Policy (and critic) updates; exports weights for the generators."""
 
+    def pid(self) -> int:
+        return os.getpid()
+
 
 @ray.remote
 class Reference(ReferencePolicy):

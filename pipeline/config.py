@@ -152,6 +152,8 @@ class TrainConfig:
 class CheckpointConfig:
     every: int = F(25, "Checkpoint every N steps (and at the end); 0 = only at the end.", lo=0)
     keep_last: int = F(2, "Checkpoints kept on disk.", lo=1)
+    recoveries: int = F(3, "Times a run restarts its actors from the latest checkpoint when the learner or "
+                        "reference dies (dead generators and scorers are restarted in place); 0 = fail.", lo=0)
 
 
 @dataclass

@@ -69,8 +69,11 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     """
     import ray
 
+    from ray.exceptions import RayActorError
+
     from actors.pools import start_actors
-    from pipeline.checkpoint import save_hf_model  # noqa: F401  (import errors surface before any work)
+    from actors.resilient import ActorLost
+    from pipeline.checkpoint import latest_checkpoint, load_checkpoint
     from pipeline.driver import Trainer
     from pipeline.preflight import preflight
     from pipeline.tracking import ConsoleLog, Tracker
@@ -96,13 +99,28 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
             if ckpt is None:
                 tracker.log_params(flat_dict(cfg))
                 tracker.log_artifact(config_path)
-            trainer = Trainer(cfg, pools, train_table, eval_table, tracker,
-                              ConsoleLog(total_steps=cfg.train.steps, time_budget_s=cfg.train.time_budget_s))
-            if ckpt is not None:
-                trainer.restore(ckpt)
-                log(f"resumed {run_dir} at step {trainer.step_count} (policy version {trainer.version})")
-            summary = _loop(cfg, trainer, tracker, run_dir, on_step, log)
-        return summary
+            console = ConsoleLog(total_steps=cfg.train.steps, time_budget_s=cfg.train.time_budget_s)
+            recoveries = 0
+            while True:
+                trainer = Trainer(cfg, pools, train_table, eval_table, tracker, console)
+                if ckpt is not None:
+                    trainer.restore(ckpt)
+                    log(f"resumed {run_dir} at step {trainer.step_count} (policy version {trainer.version})")
+                try:
+                    return _loop(cfg, trainer, tracker, run_dir, on_step, log)
+                except (RayActorError, ActorLost) as err:
+                    # Generators and scorers are restarted in place (driver); losing the learner or the
+                    # reference loses optimizer state, so the run restarts its actors from a checkpoint.
+                    if recoveries >= cfg.checkpoint.recoveries:
+                        raise
+                    recoveries += 1
+                    path = latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+                    log(f"step {trainer.step_count + 1}: an actor was lost ({type(err).__name__}); restarting the "
+                        f"actors from {path or 'the start'} (recovery {recoveries}/{cfg.checkpoint.recoveries})")
+                    pools.shutdown()
+                    pools = start_actors(cfg, own_placement_group=own_placement_group)
+                    pools.wait_ready()
+                    ckpt = load_checkpoint(path) if path else None
     finally:
         if pools is not None:
             pools.shutdown()

@@ -120,3 +120,25 @@ def test_reward_that_raises_on_a_sample_is_counted_and_run_goes_on(tiny_task, tm
     client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
     failed = client.get_metric_history(summary["mlflow_run_id"], "reward/failed")
     assert summary["steps"] == 2 and sum(m.value for m in failed) > 0
+
+
+@pytest.mark.slow
+def test_lost_learner_resumes_from_checkpoint_by_itself(tiny_task, tmp_path):
+    import signal
+
+    import ray
+
+    out = tmp_path / "lost"
+    cfg = load_config("grpo", run_args(tiny_task, out, "train.steps=5", "train.eval_every=5", "checkpoint.every=2"))
+    killed = []
+
+    def kill_learner_at_3(step, metrics, trainer):
+        if step == 3 and not killed:
+            killed.append(ray.get(trainer.pools.learner.pid.remote()))
+            os.kill(killed[0], signal.SIGKILL)
+
+    summary = run_training(cfg, on_step=kill_learner_at_3)
+    assert killed and summary["steps"] == 5
+    client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
+    steps = [m.step for m in client.get_metric_history(summary["mlflow_run_id"], "reward/mean")]
+    assert sorted(steps) == [1, 2, 3, 4, 5]
