@@ -143,6 +143,8 @@ class TrainConfig:
     time_budget_s: Optional[float] = F(None, "Stop after this many seconds of training (a final eval still "
                                        "runs); null = no limit.", lo=1)
     eval_every: int = F(10, "Evaluate held-out exact match every N steps (and at the start and end).", lo=1)
+    eval_every_s: Optional[float] = F(None, "Also evaluate once this many training seconds passed since the "
+                                      "last eval (for curves over time); null = by steps only.", lo=1)
     seed: int = F(0, "Seed of torch, sampling and the prompt order.")
     output_dir: str = F("runs/grpo", "Run directory: resolved config, checkpoints, MLflow store, plots, model.")
     log_samples_every: int = F(20, "Log a Parquet table of rollouts to MLflow every N steps; 0 = never.", lo=0)

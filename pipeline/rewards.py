@@ -48,6 +48,19 @@ def arithmetic(prompts: list[str], completions: list[str], **_) -> list[Optional
     return out
 
 
+@REWARD_FUNCTIONS.register("digit_match")
+def digit_match(prompts: list[str], completions: list[str], answer: Sequence, **_) -> list[float]:
+    """Share of digit positions (aligned from the right, over the longer of completion and answer) that
+    match the `answer` column: a dense, partial-credit verifier; 1.0 exactly when `exact_match` is."""
+    out = []
+    for c, a in zip(completions, answer):
+        c, a = c.strip(), str(a).strip()
+        width = max(len(c), len(a), 1)
+        c, a = c.rjust(width), a.rjust(width)
+        out.append(sum(x == y for x, y in zip(c, a)) / width)
+    return out
+
+
 @REWARD_FUNCTIONS.register("format_number")
 def format_number(prompts: list[str], completions: list[str], **_) -> list[float]:
     """1.0 when the completion is a bare integer (a shaping term for the arithmetic task)."""

@@ -137,14 +137,17 @@ def _loop(cfg: RunConfig, trainer, tracker, run_dir: str, on_step, log) -> dict:
         if acc is not None:
             tracker.log_metrics(0, {"eval/accuracy": acc})
             log(f"step 0: held-out exact match {acc:.1%} before RL")
-    last_saved = trainer.step_count
+    last_saved, last_eval_s = trainer.step_count, trainer.elapsed_s
     while trainer.step_count < t.steps and (budget is None or trainer.elapsed_s < budget):
         start = time.perf_counter()
         metrics = trainer.step()
         step = trainer.step_count
-        out_of_time = budget is not None and trainer.elapsed_s + time.perf_counter() - start >= budget
-        if step % t.eval_every == 0 or step == t.steps or out_of_time:
+        now_s = trainer.elapsed_s + time.perf_counter() - start
+        out_of_time = budget is not None and now_s >= budget
+        timed_eval = t.eval_every_s is not None and now_s - last_eval_s >= t.eval_every_s
+        if step % t.eval_every == 0 or step == t.steps or out_of_time or timed_eval:
             metrics["eval/accuracy"] = trainer.evaluate()
+            last_eval_s = now_s
         trainer.elapsed_s += time.perf_counter() - start
         metrics["time/elapsed_s"] = trainer.elapsed_s
         tracker.log_metrics(step, {k: v for k, v in metrics.items() if v is not None})

@@ -75,3 +75,9 @@ def test_none_and_nan_mark_failure(user_module):
     composer = RewardComposer([f"{user_module}:undecided"])
     shard = composer.score(["a", "b"], ["?", "x"], {})
     assert shard.failed == [True, False] and shard.scores == [0.0, 1.0]
+
+
+def test_digit_match_gives_partial_credit_aligned_from_the_right():
+    fn = REWARD_FUNCTIONS.get("digit_match")
+    got = fn(["p"] * 5, ["579", "589", "79", "1579", ""], answer=["579"] * 5)
+    assert got == pytest.approx([1.0, 2 / 3, 2 / 3, 3 / 4, 0.0])
