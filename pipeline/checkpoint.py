@@ -321,3 +321,20 @@ def save_hf_model(model, tokenizer, out_dir: str | os.PathLike) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return str(out)
+
+
+def write_folder(files: dict[str, bytes], out_dir: str | os.PathLike) -> str:
+    """Write `{relative name: bytes}` as a folder, atomically: how the final model reaches the driver's
+    disk when the learner runs on another node."""
+    out = Path(out_dir).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp_{out.name}_", dir=out.parent))
+    try:
+        for name, data in files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_bytes(data)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(out)

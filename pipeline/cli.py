@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--doc", action="store_true", help="print every field with its default and meaning")
     p.add_argument("overrides", nargs="*", metavar="section.field=value")
     p.set_defaults(fn=cmd_config)
+    from tuning.sweep import register_cli  # `rlpipe tune`: argparse only here; Ray loads inside the command
+
+    register_cli(sub)
     return parser
 
 

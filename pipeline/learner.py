@@ -6,6 +6,7 @@ this class only owns models, optimizers and the minibatch loop.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -170,11 +171,17 @@ class Learner:
             self.critic_opt.load_state_dict(optimizers["critic"])
         self.version = version
 
-    def save_pretrained(self, out_dir: str) -> str:
+    def hf_files(self) -> dict[str, bytes]:
+        """The policy as a Hugging Face folder's files, to be written where the driver runs."""
+        import tempfile
+
         from pipeline.checkpoint import save_hf_model
         from pipeline.models import load_tokenizer
 
-        return save_hf_model(self.policy, load_tokenizer(self.cfg.model.path), out_dir)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = save_hf_model(self.policy, load_tokenizer(self.cfg.model.path), os.path.join(tmp, "model"))
+            return {os.path.relpath(os.path.join(root, f), folder): open(os.path.join(root, f), "rb").read()
+                    for root, _, names in os.walk(folder) for f in names}
 
 
 def _clip(params: list[torch.nn.Parameter], max_norm: float) -> float:

@@ -164,7 +164,9 @@ def _loop(cfg: RunConfig, trainer, tracker, run_dir: str, on_step, log) -> dict:
     final_dir = os.path.join(run_dir, "final_model")
     import ray
 
-    ray.get(trainer.pools.learner.save_pretrained.remote(final_dir))
+    from pipeline.checkpoint import write_folder
+
+    write_folder(ray.get(trainer.pools.learner.hf_files.remote()), final_dir)   # the learner may be on another node
     tracker.log_artifact(final_dir, "final_model")
     history = tracker.history.get("eval/accuracy", [])
     elapsed = dict(tracker.history.get("time/elapsed_s", []))

@@ -234,7 +234,7 @@ class Tracker:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.finish("FINISHED")
-        elif issubclass(exc_type, KeyboardInterrupt):
+        elif issubclass(exc_type, (KeyboardInterrupt, SystemExit)):  # Ctrl-C, `ray job stop`
             self.finish("KILLED")
         else:
             self.finish("FAILED")

@@ -1,0 +1,145 @@
+"""Prompt data: the demo arithmetic task, reading user prompt tables, and a resumable prompt sampler.
+
+A prompt table is an Arrow table with at least a `prompt` column; any other columns (e.g. `answer`)
+travel with each row to the reward function.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+class DataError(ValueError):
+    """A prompt file that cannot be used; the message names the file and the fix."""
+
+
+# ----------------------------------------------------------------------------- the demo task
+
+def make_arithmetic_task(out_dir, digits: int = 3, op: str = "+", n_labelled: int = 2000,
+                         n_rl: int = 50000, n_eval: int = 500, seed: int = 0) -> dict[str, str]:
+    """Write three disjoint splits of "a<op>b=" -> answer problems as Parquet (columns prompt, answer).
+
+    Both operands have exactly `digits` digits (e.g. 100..999), so every prompt of a task has the same
+    length and difficulty comes only from the carries; the answer is the plain integer ("37+48=" ->
+    "85"; with "-" it may be negative). Splits, drawn without replacement from all operand pairs:
+      labelled.parquet  the small supervised split (the warm start trains on it),
+      train.parquet     the big RL prompt pool (RL sees only prompts; answers feed the verifier),
+      eval.parquet      held out, for every accuracy number.
+    Deterministic in `seed`. Returns {"labelled": path, "train": path, "eval": path}.
+    """
+    import pyarrow.parquet as pq
+
+    if op not in OPS:
+        raise DataError(f"unknown operator {op!r}; valid: {', '.join(OPS)}")
+    if digits < 1:
+        raise DataError(f"digits must be >= 1, got {digits}")
+    low, span = 10 ** (digits - 1), 9 * 10 ** (digits - 1)      # operands low .. low+span-1
+    sizes = {"labelled": n_labelled, "train": n_rl, "eval": n_eval}
+    total = sum(sizes.values())
+    if total > span * span:
+        raise DataError(f"{total} problems requested but only {span * span} distinct {digits}-digit "
+                        f"pairs exist; lower n_rl/n_labelled/n_eval or raise digits")
+    rng = np.random.default_rng(seed)
+    pair_index = rng.choice(span * span, size=total, replace=False)  # distinct pairs -> disjoint splits
+    a, b = low + pair_index // span, low + pair_index % span
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths, start = {}, 0
+    for name, n in sizes.items():
+        xs, ys = a[start:start + n].tolist(), b[start:start + n].tolist()
+        start += n
+        table = pa.table({
+            "prompt": [f"{x}{op}{y}=" for x, y in zip(xs, ys)],
+            "answer": [str(OPS[op](x, y)) for x, y in zip(xs, ys)],
+        })
+        paths[name] = str(out / f"{name}.parquet")
+        pq.write_table(table, paths[name])
+    return paths
+
+
+# ----------------------------------------------------------------------------- reading prompt files
+
+def read_prompt_table(path, required_columns=("prompt",)) -> pa.Table:
+    """Read a Parquet (.parquet) or JSON-lines (.jsonl / .json, one object per line) prompt table.
+
+    Raises DataError for a missing file, an unsupported extension, an unreadable file, a missing column
+    (listing the columns present) or an empty table.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"prompt file {path} does not exist; check the path (relative paths are "
+                        f"resolved from {Path.cwd()})")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+            table = pq.read_table(path)
+        elif suffix in (".jsonl", ".json"):
+            import pyarrow.json as pj
+            table = pj.read_json(path)
+        else:
+            raise DataError(f"prompt file {path} has unsupported extension {suffix!r}; use .parquet, "
+                            ".jsonl or .json (JSON lines: one object per line)")
+    except DataError:
+        raise
+    except (pa.ArrowException, OSError) as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(f"cannot read prompt file {path}: {first_line}. Make sure it is valid "
+                        f"{'Parquet' if suffix == '.parquet' else 'JSON lines (one object per line)'}") from None
+    missing = [c for c in required_columns if c not in table.column_names]
+    if missing:
+        raise DataError(f"prompt file {path} lacks column(s) {', '.join(missing)}; columns present: "
+                        f"{', '.join(table.column_names) or '(none)'}. Rename the column or point the "
+                        "config at the right one")
+    if table.num_rows == 0:
+        raise DataError(f"prompt file {path} has no rows; give it at least one prompt")
+    return table
+
+
+# ----------------------------------------------------------------------------- sampling
+
+class PromptSampler:
+    """Hands out batches of rows (dicts) from a table, reshuffled each epoch with seed + epoch.
+
+    A batch may span an epoch boundary. `state_dict()` is {"epoch", "position"}: restoring it makes a
+    resumed run draw exactly the prompts the interrupted one would have drawn next.
+    """
+
+    def __init__(self, table: pa.Table, batch_size: int, seed: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if table.num_rows == 0:
+            raise DataError("cannot sample prompts from an empty table")
+        self.rows = table.to_pylist()
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng(self.seed + epoch).permutation(len(self.rows))
+
+    def next_batch(self) -> list[dict]:
+        batch = []
+        while len(batch) < self.batch_size:
+            if self.position == len(self.rows):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            take = min(self.batch_size - len(batch), len(self.rows) - self.position)
+            batch += [self.rows[i] for i in self._order[self.position:self.position + take]]
+            self.position += take
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._permutation(self.epoch)
+
+
+__all__ = ["DataError", "make_arithmetic_task", "read_prompt_table", "PromptSampler"]

@@ -1,0 +1,229 @@
+"""The supervised warm start (SFT) that gives RL a policy with some successes, and the continued-SFT
+baseline RL has to beat.
+
+A randomly initialised model never solves "a+b=" by chance, so RL on it sees reward 0 forever
+(FACTS.md). The warm start trains on a small labelled split until held-out exact match stops
+improving (early stopping = "the plateau"); RL then learns from a much larger pool of unlabelled prompts
+through a verifier. `supervised_baseline` spends the same wall-clock on more SFT over the same labelled
+split, so a gain from RL is measured against "just train longer", not against a checkpoint stopped
+mid-climb.
+
+The SFT loss is the token-mean negative log-likelihood of answer + <eos> given the prompt, computed with
+`completion_forward` — the very function RL's learner uses — so both see identical token layouts.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from pipeline.evaluation import exact_match_accuracy
+from pipeline.models import completion_forward, encode_prompts
+
+# Demo defaults, measured on the 2-core build machine (see the measurements in README / warmstart.json).
+DEMO_DIGITS = 3
+DEMO_LABELLED = 1000
+DEMO_RL_PROMPTS = 50000
+DEMO_EVAL = 500
+DEMO_MODEL = dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=344)
+DEMO_LR = 3e-3
+DEMO_BATCH = 64
+
+
+def encode_supervised(tokenizer, prompts: list[str], answers: list[str]) -> dict[str, torch.Tensor]:
+    """Tokenise (prompt, answer) pairs in the RL layout: prompt_ids/prompt_mask (n, P) left-padded with
+    special tokens as generation adds them; completion_ids/completion_mask (n, T) = answer + <eos>,
+    right-padded."""
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts)
+    answer_ids = tokenizer([str(a) for a in answers], add_special_tokens=False)["input_ids"]
+    T = max(len(ids) for ids in answer_ids) + 1
+    completion_ids = torch.full((len(answers), T), tokenizer.pad_token_id, dtype=torch.long)
+    completion_mask = torch.zeros((len(answers), T), dtype=torch.bool)
+    for i, ids in enumerate(answer_ids):
+        row = ids + [tokenizer.eos_token_id]
+        completion_ids[i, :len(row)] = torch.tensor(row)
+        completion_mask[i, :len(row)] = True
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+            "completion_ids": completion_ids, "completion_mask": completion_mask}
+
+
+def _select(data: dict[str, torch.Tensor], index: torch.Tensor, device) -> dict[str, torch.Tensor]:
+    """Rows `index` of an encoded set, with all-padding columns trimmed (left for prompts, right for
+    completions) so short batches cost no extra compute."""
+    rows = {k: v[index] for k, v in data.items()}
+    first = int(rows["prompt_mask"].any(0).long().argmax())
+    last = int(rows["completion_mask"].any(0).long().sum())
+    return {
+        "prompt_ids": rows["prompt_ids"][:, first:].to(device),
+        "prompt_mask": rows["prompt_mask"][:, first:].to(device),
+        "completion_ids": rows["completion_ids"][:, :last].to(device),
+        "completion_mask": rows["completion_mask"][:, :last].to(device),
+    }
+
+
+def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Token-mean NLL of the completion tokens (answer + eos); prompt tokens carry no loss."""
+    logprobs = completion_forward(model, **batch)["logprobs"]                 # (n, T)
+    mask = batch["completion_mask"].float()
+    return -(logprobs * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def supervised_finetune(model, tokenizer, prompts: list[str], answers: list[str],
+                        eval_prompts: list[str], eval_answers: list[str], *, lr: float,
+                        batch_size: int, max_steps: Optional[int] = None,
+                        time_budget_s: Optional[float] = None, eval_every: int,
+                        patience: Optional[int] = None, seed: int = 0, weight_decay: float = 0.0,
+                        max_new_tokens: Optional[int] = None,
+                        log: Callable[[str], None] = print) -> dict:
+    """Train `model` in place on prompt -> answer + <eos> with AdamW (constant lr, grad-norm clip 1).
+
+    Evaluates greedy exact match on the eval split at step 0 and every `eval_every` steps (eval time
+    counts toward the budget: it is part of what a run costs). Stops at `max_steps`, after
+    `time_budget_s`, or — with `patience` — once `patience` evals in a row bring no new best; then the
+    best weights are restored (early stopping). Without patience the final weights are kept.
+    Returns {"best_accuracy", "best_step", "final_accuracy", "curve": [(step, seconds, accuracy)],
+    "steps", "seconds"}.
+    """
+    if max_steps is None and time_budget_s is None and patience is None:
+        raise ValueError("supervised_finetune needs max_steps, time_budget_s or patience to stop")
+    device = next(model.parameters()).device
+    data = encode_supervised(tokenizer, prompts, answers)
+    if max_new_tokens is None:  # longest eval answer + eos
+        max_new_tokens = max(len(tokenizer(str(a), add_special_tokens=False)["input_ids"])
+                             for a in eval_answers) + 1
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    n = len(prompts)
+
+    def evaluate() -> float:
+        return exact_match_accuracy(model, tokenizer, eval_prompts, eval_answers, max_new_tokens)
+
+    start = time.perf_counter()
+    accuracy = evaluate()
+    curve = [(0, time.perf_counter() - start, accuracy)]
+    best = {"accuracy": accuracy, "step": 0, "state": copy.deepcopy(model.state_dict())}
+    evals_since_best, step, losses, order = 0, 0, [], torch.empty(0, dtype=torch.long)
+    model.train()
+    while True:
+        elapsed = time.perf_counter() - start
+        if (max_steps is not None and step >= max_steps) or \
+                (time_budget_s is not None and elapsed >= time_budget_s):
+            break
+        if len(order) < batch_size:  # new epoch: reshuffle, keep the leftover rows first
+            order = torch.cat([order, torch.randperm(n, generator=generator)])
+        index, order = order[:batch_size], order[batch_size:]
+        loss = sft_loss(model, _select(data, index, device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        losses.append(loss.item())
+        if step % eval_every:
+            continue
+        accuracy = evaluate()
+        elapsed = time.perf_counter() - start
+        curve.append((step, elapsed, accuracy))
+        log(f"step {step:5d}  loss {np.mean(losses):.4f}  eval acc {100 * accuracy:5.1f}%  {elapsed:6.1f} s")
+        losses = []
+        if accuracy > best["accuracy"]:
+            best = {"accuracy": accuracy, "step": step, "state": copy.deepcopy(model.state_dict())}
+            evals_since_best = 0
+        else:
+            evals_since_best += 1
+            if patience is not None and evals_since_best >= patience:
+                break
+    if curve[-1][0] != step:  # budget ran out between evals: score the final weights too
+        accuracy = evaluate()
+        curve.append((step, time.perf_counter() - start, accuracy))
+        if accuracy > best["accuracy"]:
+            best = {"accuracy": accuracy, "step": step, "state": copy.deepcopy(model.state_dict())}
+    final_accuracy = curve[-1][2]
+    if patience is not None:
+        model.load_state_dict(best["state"])
+    return {"best_accuracy": best["accuracy"], "best_step": best["step"],
+            "final_accuracy": final_accuracy, "curve": curve, "steps": step,
+            "seconds": time.perf_counter() - start}
+
+
+def _read_split(path) -> tuple[list[str], list[str]]:
+    from pipeline.data import read_prompt_table
+
+    table = read_prompt_table(path, required_columns=("prompt", "answer"))
+    return table.column("prompt").to_pylist(), [str(a) for a in table.column("answer").to_pylist()]
+
+
+def run_warmstart(out_dir, *, digits: int = DEMO_DIGITS, n_labelled: int = DEMO_LABELLED,
+                  n_rl: int = DEMO_RL_PROMPTS, n_eval: int = DEMO_EVAL,
+                  hidden_size: int = DEMO_MODEL["hidden_size"], num_layers: int = DEMO_MODEL["num_layers"],
+                  num_heads: int = DEMO_MODEL["num_heads"],
+                  intermediate_size: int = DEMO_MODEL["intermediate_size"],
+                  lr: float = DEMO_LR, batch_size: int = DEMO_BATCH, eval_every: int = 50,
+                  patience: int = 6, max_steps: int = 5000, time_budget_s: float = 180.0,
+                  seed: int = 0, log: Callable[[str], None] = print) -> dict:
+    """Build the demo end to end: data in out_dir/data, a random tiny Llama in out_dir/init, SFT on the
+    labelled split with early stopping on the eval split, best policy saved to out_dir/warm, summary in
+    out_dir/warmstart.json. Returns that summary."""
+    from pipeline.data import make_arithmetic_task
+    from pipeline.models import build_tiny_model, load_causal_lm, load_tokenizer
+
+    torch.manual_seed(seed)
+    out = Path(out_dir)
+    paths = make_arithmetic_task(out / "data", digits=digits, n_labelled=n_labelled, n_rl=n_rl,
+                                 n_eval=n_eval, seed=seed)
+    init_dir = build_tiny_model(out / "init", hidden_size=hidden_size, num_layers=num_layers,
+                                num_heads=num_heads, intermediate_size=intermediate_size, seed=seed)
+    model, tokenizer = load_causal_lm(init_dir), load_tokenizer(init_dir)
+    prompts, answers = _read_split(paths["labelled"])
+    eval_prompts, eval_answers = _read_split(paths["eval"])
+    result = supervised_finetune(model, tokenizer, prompts, answers, eval_prompts, eval_answers,
+                                 lr=lr, batch_size=batch_size, max_steps=max_steps,
+                                 time_budget_s=time_budget_s, eval_every=eval_every,
+                                 patience=patience, seed=seed, log=log)
+    warm_dir = out / "warm"
+    model.save_pretrained(warm_dir, safe_serialization=True)
+    tokenizer.save_pretrained(warm_dir)
+    summary = {
+        "plateau_accuracy": result["best_accuracy"], "best_step": result["best_step"],
+        "steps": result["steps"], "seconds": result["seconds"], "curve": result["curve"],
+        "model_dir": str(warm_dir), "data": paths,
+        "settings": dict(digits=digits, n_labelled=n_labelled, n_rl=n_rl, n_eval=n_eval,
+                         hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                         intermediate_size=intermediate_size, lr=lr, batch_size=batch_size,
+                         eval_every=eval_every, patience=patience, seed=seed),
+    }
+    (out / "warmstart.json").write_text(json.dumps(summary, indent=2))
+    log(f"warm start plateau: {100 * result['best_accuracy']:.1f}% held-out exact match after "
+        f"{result['best_step']} steps ({result['seconds']:.0f} s)")
+    return summary
+
+
+def supervised_baseline(model_dir, data_dir, minutes: float, *, lr: float = DEMO_LR,
+                        batch_size: int = DEMO_BATCH, eval_every: int = 100, seed: int = 1,
+                        log: Callable[[str], None] = print) -> dict:
+    """Continue SFT from `model_dir` on the SAME labelled split (data_dir/labelled.parquet) for
+    `minutes` of wall-clock, no early stop, scoring data_dir/eval.parquet every `eval_every` steps.
+    This is the "train longer on the labels" comparison RL must beat.
+    Returns {"start_accuracy", "final_accuracy", "best_accuracy", "curve", "steps", "seconds"}."""
+    from pipeline.models import load_causal_lm, load_tokenizer
+
+    model, tokenizer = load_causal_lm(model_dir), load_tokenizer(model_dir)
+    prompts, answers = _read_split(Path(data_dir) / "labelled.parquet")
+    eval_prompts, eval_answers = _read_split(Path(data_dir) / "eval.parquet")
+    result = supervised_finetune(model, tokenizer, prompts, answers, eval_prompts, eval_answers,
+                                 lr=lr, batch_size=batch_size, time_budget_s=60.0 * minutes,
+                                 eval_every=eval_every, seed=seed, log=log)
+    result["start_accuracy"] = result["curve"][0][2]
+    log(f"continued SFT: {100 * result['start_accuracy']:.1f}% -> {100 * result['final_accuracy']:.1f}% "
+        f"final, {100 * result['best_accuracy']:.1f}% best, after {result['steps']} steps "
+        f"({result['seconds']:.0f} s)")
+    return result
+
+
+__all__ = ["encode_supervised", "sft_loss", "supervised_finetune", "run_warmstart",
+           "supervised_baseline"]
