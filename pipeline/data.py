@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from pipeline.errors import UserInputError
+
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
-class DataError(ValueError):
+class DataError(UserInputError):
     """A prompt file that cannot be used; the message names the file and the fix."""
 
 

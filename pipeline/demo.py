@@ -30,10 +30,10 @@ def run_demo(out: str = "runs/demo", algos: tuple | list = ("grpo", "ppo"), rl_m
     if os.path.exists(os.path.join(warm_dir, "config.json")) and os.path.exists(info_path):
         with open(info_path) as fh:
             warm = json.load(fh)
-        print(f"reusing the warm start in {warm_dir}: plateau {warm['best_accuracy']:.1%}")
+        print(f"reusing the warm start in {warm_dir}: plateau {warm['plateau_accuracy']:.1%}")
     else:
         warm = run_warmstart(out, seed=seed)
-    plateau = warm["best_accuracy"]
+    plateau = warm["plateau_accuracy"]
     uri = demo_tracking_uri(out)
     results: dict = {"warm_start_plateau": plateau, "rl": {}, "rl_minutes": rl_minutes, "sft_minutes": sft_minutes}
     curves = {}
@@ -49,7 +49,7 @@ def run_demo(out: str = "runs/demo", algos: tuple | list = ("grpo", "ppo"), rl_m
     if sft_minutes > 0:
         print(f"\n=== baseline: {sft_minutes:g} more minutes of supervised training on the labelled split ===")
         sft = supervised_baseline(warm_dir, data_dir, sft_minutes, seed=seed)
-        results["sft"] = {k: sft[k] for k in ("final_accuracy", "best_accuracy")}
+        results["sft"] = {k: sft[k] for k in ("start_accuracy", "final_accuracy", "best_accuracy", "steps")}
         curves["supervised"] = [(s, a) for _, s, a in sft["curve"]]
     _report(results)
     with open(os.path.join(out, "demo_results.json"), "w") as fh:

@@ -17,11 +17,13 @@ from typing import Optional
 import torch
 from torch import nn
 
+from pipeline.errors import UserInputError
+
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")  # ids 0..3, in this order
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserInputError):
     """A model or tokenizer path that cannot be loaded; the message names the path and the fix."""
 
 

@@ -122,7 +122,7 @@ def test_artifacts_land_in_run_dir_not_cwd(tmp_path, monkeypatch, shared_uri):
     note.write_text("hello")
 
     # The store lives elsewhere (a new sqlite store costs ~6 s of table creation, so the module shares
-    # one); the new experiment still puts its artifacts under run_dir, not under ./mlruns of the cwd.
+    # one); the new experiment puts its artifacts beside that store, never under ./mlruns of the cwd.
     with Tracker(run_dir, experiment="artifacts", tracking_uri=shared_uri) as tracker:
         tracker.log_artifact(note, "notes")
         tracker.log_dict_as_json({"a": 1}, "config")
@@ -133,7 +133,8 @@ def test_artifacts_land_in_run_dir_not_cwd(tmp_path, monkeypatch, shared_uri):
         tracker.log_table(pa.table({"x": [1, 2, 3]}), "arrow.parquet")
 
     assert list(elsewhere.iterdir()) == []  # no ./mlruns, nothing else
-    artifact_root = run_dir / "mlartifacts" / tracker.run_id / "artifacts"
+    store_dir = Path(shared_uri[len("sqlite:///"):]).parent
+    artifact_root = store_dir / "mlartifacts" / tracker.run_id / "artifacts"
     assert (artifact_root / "notes" / "note.txt").read_text() == "hello"
     assert json.loads((artifact_root / "config.json").read_text()) == {"a": 1}
     assert (artifact_root / "config.yaml").is_file()
