@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.shells import Learner, Reference, RewardScorer, RolloutWorker
@@ -86,14 +86,27 @@ def start_actors(cfg: RunConfig, own_placement_group: bool = True) -> ActorPools
             remove_placement_group(pg)
             raise ClusterTooSmall(f"placement group {[b for _, b in roles]} ({cfg.resources.placement_strategy}) "
                                   "could not be reserved within 60 s; the cluster is busy or too fragmented")
+    target, first = pg, 0
+    if pg is None and get_current_placement_group() is not None:
+        # Inside a Tune trial: pin each actor to its own bundle of the trial's group (its last len(roles)
+        # bundles; the first is the trial driver's). Left to "any bundle", a small actor can take a big
+        # bundle and leave a bigger actor nowhere to go, which waits forever.
+        target = get_current_placement_group()
+        first = len(target.bundle_specs) - len(roles)
+        mine = target.bundle_specs[first:] if first >= 0 else []
+        if len(mine) != len(roles) or any(m.get(k, 0.0) + 1e-9 < v for m, (_, b) in zip(mine, roles)
+                                          for k, v in b.items()):
+            raise ClusterTooSmall(f"the caller's placement group {target.bundle_specs} has no bundle per actor "
+                                  f"for the layout {[b for _, b in roles]}; build it from actors.pools.layout(cfg)")
     r = cfg.resources
 
     def options(i: int, bundle: dict, restartable: bool = False) -> dict:
         opts = {"num_cpus": bundle["CPU"], "num_gpus": bundle.get("GPU", 0)}
         if restartable:   # Ray restarts it; the driver restores its state and resends the shard
             opts["max_restarts"] = -1
-        if pg is not None:
-            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
+        if target is not None:
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                target, placement_group_bundle_index=first + i)
         return opts
 
     def threads(share: float) -> int:

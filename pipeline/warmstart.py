@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -73,11 +74,23 @@ def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return -(logprobs * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def lr_factor(step: int, warmup_steps: int, decay_steps: Optional[int]) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine decay to 10% of the peak at `decay_steps`
+    (held there afterwards); constant after warm-up when decay_steps is None."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if decay_steps is None:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def supervised_finetune(model, tokenizer, prompts: list[str], answers: list[str],
                         eval_prompts: list[str], eval_answers: list[str], *, lr: float,
                         batch_size: int, max_steps: Optional[int] = None,
                         time_budget_s: Optional[float] = None, eval_every: int,
                         patience: Optional[int] = None, seed: int = 0, weight_decay: float = 0.0,
+                        warmup_steps: int = 0, decay_steps: Optional[int] = None,
                         max_new_tokens: Optional[int] = None,
                         log: Callable[[str], None] = print) -> dict:
     """Train `model` in place on prompt -> answer + <eos> with AdamW (constant lr, grad-norm clip 1).
@@ -98,6 +111,8 @@ def supervised_finetune(model, tokenizer, prompts: list[str], answers: list[str]
                              for a in eval_answers) + 1
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup_steps, decay_steps))
     n = len(prompts)
 
     def evaluate() -> float:
@@ -122,6 +137,7 @@ def supervised_finetune(model, tokenizer, prompts: list[str], answers: list[str]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        schedule.step()
         step += 1
         losses.append(loss.item())
         if step % eval_every:
@@ -163,8 +179,9 @@ def run_warmstart(out_dir, *, digits: int = DEMO_DIGITS, n_labelled: int = DEMO_
                   hidden_size: int = DEMO_MODEL["hidden_size"], num_layers: int = DEMO_MODEL["num_layers"],
                   num_heads: int = DEMO_MODEL["num_heads"],
                   intermediate_size: int = DEMO_MODEL["intermediate_size"],
-                  lr: float = DEMO_LR, batch_size: int = DEMO_BATCH, eval_every: int = 50,
-                  patience: int = 6, max_steps: int = 5000, time_budget_s: float = 180.0,
+                  lr: float = DEMO_LR, batch_size: int = DEMO_BATCH, eval_every: int = 100,
+                  patience: int = 5, max_steps: int = 2000, warmup_steps: int = 100,
+                  time_budget_s: float = 900.0,
                   seed: int = 0, log: Callable[[str], None] = print) -> dict:
     """Build the demo end to end: data in out_dir/data, a random tiny Llama in out_dir/init, SFT on the
     labelled split with early stopping on the eval split, best policy saved to out_dir/warm, summary in
@@ -184,7 +201,8 @@ def run_warmstart(out_dir, *, digits: int = DEMO_DIGITS, n_labelled: int = DEMO_
     result = supervised_finetune(model, tokenizer, prompts, answers, eval_prompts, eval_answers,
                                  lr=lr, batch_size=batch_size, max_steps=max_steps,
                                  time_budget_s=time_budget_s, eval_every=eval_every,
-                                 patience=patience, seed=seed, log=log)
+                                 patience=patience, seed=seed, warmup_steps=warmup_steps,
+                                 decay_steps=max_steps, log=log)
     warm_dir = out / "warm"
     model.save_pretrained(warm_dir, safe_serialization=True)
     tokenizer.save_pretrained(warm_dir)
@@ -195,7 +213,8 @@ def run_warmstart(out_dir, *, digits: int = DEMO_DIGITS, n_labelled: int = DEMO_
         "settings": dict(digits=digits, n_labelled=n_labelled, n_rl=n_rl, n_eval=n_eval,
                          hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
                          intermediate_size=intermediate_size, lr=lr, batch_size=batch_size,
-                         eval_every=eval_every, patience=patience, seed=seed),
+                         eval_every=eval_every, patience=patience, warmup_steps=warmup_steps,
+                         cosine_decay_steps=max_steps, seed=seed),
     }
     (out / "warmstart.json").write_text(json.dumps(summary, indent=2))
     log(f"warm start plateau: {100 * result['best_accuracy']:.1f}% held-out exact match after "
@@ -203,12 +222,13 @@ def run_warmstart(out_dir, *, digits: int = DEMO_DIGITS, n_labelled: int = DEMO_
     return summary
 
 
-def supervised_baseline(model_dir, data_dir, minutes: float, *, lr: float = DEMO_LR,
+def supervised_baseline(model_dir, data_dir, minutes: float, *, lr: float = 0.1 * DEMO_LR,
                         batch_size: int = DEMO_BATCH, eval_every: int = 100, seed: int = 1,
                         log: Callable[[str], None] = print) -> dict:
     """Continue SFT from `model_dir` on the SAME labelled split (data_dir/labelled.parquet) for
     `minutes` of wall-clock, no early stop, scoring data_dir/eval.parquet every `eval_every` steps.
-    This is the "train longer on the labels" comparison RL must beat.
+    This is the "train longer on the labels" comparison RL must beat. The default lr is where the warm
+    start's cosine schedule ended (10% of its peak): continuing at the peak first undoes the plateau.
     Returns {"start_accuracy", "final_accuracy", "best_accuracy", "curve", "steps", "seconds"}."""
     from pipeline.models import load_causal_lm, load_tokenizer
 
