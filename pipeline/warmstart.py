@@ -26,7 +26,13 @@ import torch
 from pipeline.evaluation import exact_match_accuracy
 from pipeline.models import completion_forward, encode_prompts
 
-# Demo defaults, measured on the 2-core build machine (see the measurements in README / warmstart.json).
+# Demo defaults, measured on the 2-core build machine (3-digit addition, 0.8 M-parameter Llama):
+# 1,000 labels trained to convergence (warm-up 100 steps, cosine to 10% at step 1,500; train loss ~0.01)
+# plateau at 64% held-out exact match (seeds 0 and 1: 64.6%, 63.8%). Fewer labels are a coin flip:
+# with 500 one seed generalised (~65%), another memorised and stayed at ~1%; 300 stayed at ~0%.
+# A constant lr climbs in two phases (15-20% for ~1,000 steps, then a second rise to 70% by step 4,000),
+# so a patience rule on a constant lr stops in the first, false plateau: the cosine decay is what makes
+# the plateau real (more SFT on the same labels then adds nothing).
 DEMO_DIGITS = 3
 DEMO_LABELLED = 1000
 DEMO_RL_PROMPTS = 50000
@@ -34,6 +40,8 @@ DEMO_EVAL = 500
 DEMO_MODEL = dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=344)
 DEMO_LR = 3e-3
 DEMO_BATCH = 64
+DEMO_WARMUP_STEPS = 100
+DEMO_STEPS = 1500
 
 
 def encode_supervised(tokenizer, prompts: list[str], answers: list[str]) -> dict[str, torch.Tensor]:
@@ -180,12 +188,18 @@ def run_warmstart(out_dir, *, digits: int = DEMO_DIGITS, n_labelled: int = DEMO_
                   num_heads: int = DEMO_MODEL["num_heads"],
                   intermediate_size: int = DEMO_MODEL["intermediate_size"],
                   lr: float = DEMO_LR, batch_size: int = DEMO_BATCH, eval_every: int = 100,
-                  patience: int = 5, max_steps: int = 2000, warmup_steps: int = 100,
-                  time_budget_s: float = 900.0,
+                  patience: int = 5, max_steps: int = DEMO_STEPS,
+                  warmup_steps: int = DEMO_WARMUP_STEPS, time_budget_s: float = 900.0,
                   seed: int = 0, log: Callable[[str], None] = print) -> dict:
     """Build the demo end to end: data in out_dir/data, a random tiny Llama in out_dir/init, SFT on the
-    labelled split with early stopping on the eval split, best policy saved to out_dir/warm, summary in
-    out_dir/warmstart.json. Returns that summary."""
+    labelled split (lr decayed to 10% over `max_steps`, early stopping on the eval split), best policy
+    saved to out_dir/warm, summary in out_dir/warmstart.json. Returns that summary.
+
+    The eval split both picks the checkpoint and reports the plateau, so the plateau is the best of a
+    few noisy evals (+-3.5 points at 500 prompts): if anything it overstates the warm start, which makes
+    "RL beats the plateau" harder, not easier. `time_budget_s` is a safety cap: the schedule is in
+    steps, so a run cut by it has not converged.
+    """
     from pipeline.data import make_arithmetic_task
     from pipeline.models import build_tiny_model, load_causal_lm, load_tokenizer
 

@@ -13,7 +13,7 @@ from pipeline.data import DataError, PromptSampler, make_arithmetic_task, read_p
 from pipeline.evaluation import exact_match_accuracy
 from pipeline.models import (CriticModel, ModelLoadError, build_char_tokenizer, build_tiny_model,
                              completion_forward, load_causal_lm, load_tokenizer, sample_completions)
-from pipeline.warmstart import encode_supervised, sft_loss, supervised_finetune
+from pipeline.warmstart import encode_supervised, lr_factor, sft_loss, supervised_finetune
 
 pytestmark = pytest.mark.unit
 os.environ["HF_HUB_OFFLINE"] = "1"  # everything here is local; a hub lookup would be a bug
@@ -190,3 +190,24 @@ def test_supervised_finetune_lowers_the_loss(tiny_dir):
     assert len(lines) == 2 and "eval acc" in lines[0]
     acc = exact_match_accuracy(model, tok, prompts[:4], answers[:4], max_new_tokens=4)
     assert acc == result["final_accuracy"] and model.training
+
+
+def test_early_stopping_restores_the_best_weights(tiny_dir):
+    model, tok = load_causal_lm(tiny_dir), load_tokenizer(tiny_dir)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    prompts, answers = ["12+34=", "56+21="], ["46", "77"]
+    # A near-random model scores 0 on unseen 3-digit sums: no eval beats step 0, so patience 2 stops at
+    # step 10 and hands back the step-0 weights.
+    result = supervised_finetune(model, tok, prompts, answers, ["123+456=", "321+222="], ["579", "543"],
+                                 lr=1e-3, batch_size=2, max_steps=100, eval_every=5, patience=2, seed=0,
+                                 log=lambda s: None)
+    assert result["best_step"] == 0 and result["steps"] == 10
+    assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+
+
+def test_lr_schedule_warms_up_then_decays_to_a_tenth():
+    assert lr_factor(0, 10, 100) == pytest.approx(0.1) and lr_factor(9, 10, 100) == 1.0
+    assert lr_factor(10, 10, 100) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100) == pytest.approx(0.55)
+    assert lr_factor(100, 10, 100) == lr_factor(500, 10, 100) == pytest.approx(0.1)
+    assert lr_factor(500, 0, None) == 1.0
