@@ -35,7 +35,9 @@ def cmd_train(args) -> int:
 def cmd_warmstart(args) -> int:
     from pipeline.warmstart import run_warmstart
 
-    run_warmstart(args.out, seed=args.seed)
+    from pipeline.warmstart import DEMO_SEED
+
+    run_warmstart(args.out, seed=DEMO_SEED if args.seed is None else args.seed)
     return 0
 
 
@@ -78,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("warmstart", help="build the demo task, a small model, and fine-tune it supervised")
     p.add_argument("--out", default="runs/demo", help="folder for data/, init/, warm/ (default runs/demo)")
-    p.add_argument("--seed", type=int, default=0, help="seed of data, init and training")
+    p.add_argument("--seed", type=int, default=None, help="seed of data, init and training (default: the demo's measured seed)")
     p.set_defaults(fn=cmd_warmstart)
     p = sub.add_parser("eval", help="greedy exact-match accuracy of a model folder on a prompt/answer file")
     p.add_argument("--model", required=True, help="Hugging Face model folder")
