@@ -81,7 +81,7 @@ class Learner:
     # ------------------------------------------------------------------------------------------ update
     def update(self, batch: TrainBatch) -> dict[str, float]:
         """Epochs x minibatches of clipped policy (and value) updates. Returns mean metrics."""
-        a, lc = self.cfg.algorithm, self.cfg.learner
+        lc = self.cfg.learner
         r = batch.rollout
         if r.policy_version != self.version:
             raise RuntimeError(f"rollout from policy version {r.policy_version}, learner is at {self.version}: "
