@@ -15,6 +15,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.shells import Learner, Reference, RewardScorer, RolloutWorker
 from pipeline.config import RunConfig
 from pipeline.errors import UserInputError
+from pipeline.learner import DP_GROUP, SYNC_GROUP
 
 
 class ClusterTooSmall(UserInputError):
@@ -25,23 +26,57 @@ class ClusterTooSmall(UserInputError):
 class ActorPools:
     generators: list
     scorers: list
-    learner: object
+    learners: list                    # rank 0 first: it computes values, exports and broadcasts weights
     reference: object | None
     placement_group: object | None = None
     bundles: list[dict] = field(default_factory=list)
+    cfg: RunConfig | None = None
+    weights_group_ok: bool = False    # the broadcast group is formed and every member is still in it
+
+    @property
+    def learner(self):
+        return self.learners[0]
 
     def all(self) -> list:
-        return [a for a in [self.learner, *self.generators, *self.scorers, self.reference] if a is not None]
+        return [a for a in [*self.learners, *self.generators, *self.scorers, self.reference] if a is not None]
+
+    def connect_weights_group(self) -> None:
+        """(Re)build the broadcast group: learner rank 0 and every generator, in that rank order."""
+        r = self.cfg.resources
+        gpu = self.cfg.model.device != "cpu" and r.gpus_per_learner > 0 and r.gpus_per_rollout_worker > 0
+        self.weights_group_ok = False
+        connect_group(SYNC_GROUP, [self.learner, *self.generators], _backend(self.cfg, gpu), r.collective_timeout_s)
+        self.weights_group_ok = True
 
     def wait_ready(self) -> None:
-        """Block until every actor's constructor ran; a failing one raises its error here."""
+        """Block until every actor's constructor ran (a failing one raises its error here) and the process
+        groups formed: the learners' data-parallel group, and the weights group when sync is collective."""
         ray.get([a.__ray_ready__.remote() for a in self.all()])
+        r = self.cfg.resources
+        if len(self.learners) > 1:
+            gpu = self.cfg.model.device != "cpu" and r.gpus_per_learner > 0
+            connect_group(DP_GROUP, self.learners, _backend(self.cfg, gpu), r.collective_timeout_s)
+        if r.weight_sync == "collective":
+            self.connect_weights_group()
 
     def shutdown(self) -> None:
         for actor in self.all():
             ray.kill(actor)
         if self.placement_group is not None:
             remove_placement_group(self.placement_group)
+
+
+def connect_group(name: str, members: list, backend: str, timeout_s: float) -> None:
+    """Form process group `name` over actor handles `members` (rank = position): rank 0 opens the store,
+    then all join at once (each join blocks until every member arrived)."""
+    host, port = ray.get(members[0].open_store.remote(name, len(members), timeout_s))
+    ray.get([m.join_group.remote(name, host, port, rank, len(members), backend, timeout_s)
+             for rank, m in enumerate(members)])
+
+
+def _backend(cfg: RunConfig, gpu: bool) -> str:
+    b = cfg.resources.collective_backend
+    return b if b != "auto" else ("nccl" if gpu else "gloo")
 
 
 def layout(cfg: RunConfig) -> list[tuple[str, dict]]:
@@ -54,7 +89,7 @@ def layout(cfg: RunConfig) -> list[tuple[str, dict]]:
             b["GPU"] = gpus
         return b
 
-    roles = [("learner", bundle(r.cpus_per_learner, r.gpus_per_learner))]
+    roles = [("learner", bundle(r.cpus_per_learner, r.gpus_per_learner))] * r.learners
     roles += [("generator", bundle(r.cpus_per_rollout_worker, r.gpus_per_rollout_worker))] * r.rollout_workers
     roles += [("scorer", bundle(r.cpus_per_reward_scorer))] * r.reward_scorers
     if cfg.algorithm.kl_coef > 0:
@@ -112,11 +147,12 @@ def start_actors(cfg: RunConfig, own_placement_group: bool = True) -> ActorPools
     def threads(share: float) -> int:
         return r.torch_threads or max(1, round(share))
 
-    learner = generators = scorers = reference = None
-    generators, scorers = [], []
+    reference = None
+    learners, generators, scorers = [], [], []
     for i, (role, b) in enumerate(roles):
         if role == "learner":
-            learner = Learner.options(**options(i, b)).remote(cfg, threads(b["CPU"]))
+            learners.append(Learner.options(**options(i, b)).remote(cfg, threads(b["CPU"]), len(learners),
+                                                                     r.learners))
         elif role == "generator":
             generators.append(RolloutWorker.options(**options(i, b, restartable=True)).remote(
                 cfg.model, cfg.rollout, len(generators), cfg.train.seed, threads(b["CPU"])))
@@ -126,4 +162,4 @@ def start_actors(cfg: RunConfig, own_placement_group: bool = True) -> ActorPools
         else:
             reference = Reference.options(**options(i, b)).remote(cfg.model, cfg.rollout.temperature,
                                                                  threads(b["CPU"]))
-    return ActorPools(generators, scorers, learner, reference, pg, [b for _, b in roles])
+    return ActorPools(generators, scorers, learners, reference, pg, [b for _, b in roles], cfg)

@@ -128,13 +128,22 @@ class ResourcesConfig:
     cpus_per_rollout_worker: float = F(1.0, "CPU share reserved per generator.", lo=0.0)
     gpus_per_rollout_worker: float = F(0.0, "GPU share per generator.", lo=0.0)
     cpus_per_reward_scorer: float = F(0.25, "CPU share per reward scorer.", lo=0.0)
-    cpus_per_learner: float = F(1.0, "CPU share of the learner.", lo=0.0)
-    gpus_per_learner: float = F(0.0, "GPU share of the learner.", lo=0.0)
+    learners: int = F(1, "K data-parallel learners (a gloo/NCCL group): each takes 1/K of every minibatch and "
+                      "gradients are summed before the step, so K learners update exactly like one.", lo=1)
+    cpus_per_learner: float = F(1.0, "CPU share of each learner.", lo=0.0)
+    gpus_per_learner: float = F(0.0, "GPU share of each learner.", lo=0.0)
     cpus_per_reference: float = F(0.25, "CPU share of the reference model (only started when kl_coef > 0).",
                                   lo=0.0)
     torch_threads: int = F(0, "Intra-op threads per actor; 0 = round(its CPU share), at least 1.", lo=0)
     placement_strategy: str = F("PACK", "Placement group strategy for all actors.",
                                 choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+    weight_sync: str = F("collective", "How new weights reach the generators: `collective` broadcasts from learner "
+                         "rank 0 over a gloo/NCCL group (falls back to the object store for a step when a member "
+                         "died, and rebuilds the group); `object_store` sends a checksummed packet through Ray.",
+                         choices=("collective", "object_store"))
+    collective_backend: str = F("auto", "torch.distributed backend of the learner and weight groups; auto = "
+                                "nccl on GPU, gloo on CPU.", choices=("auto", "gloo", "nccl"))
+    collective_timeout_s: float = F(120.0, "Seconds a collective waits for a member before it fails.", lo=1)
 
 
 @dataclass
@@ -330,6 +339,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.algorithm.name in group_estimators and cfg.rollout.samples_per_prompt < 2:
         raise ConfigError(f"rollout.samples_per_prompt: {cfg.algorithm.name} compares samples within a group; "
                           "use 2 or more")
+    if cfg.learner.minibatch_size < cfg.resources.learners:
+        raise ConfigError(f"learner.minibatch_size: {cfg.learner.minibatch_size} sequences cannot be split over "
+                          f"resources.learners={cfg.resources.learners} learners; use at least one per learner")
     return cfg
 
 

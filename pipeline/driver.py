@@ -13,7 +13,9 @@ import time
 import ray
 import torch
 
-from actors.resilient import ShardCall, gather
+from ray.exceptions import RayActorError, RayTaskError
+
+from actors.resilient import ActorLost, ShardCall, gather
 from pipeline.algorithms.advantages import AdvantageInputs, compute_advantages, place_sequence_reward
 from pipeline.algorithms.core import kl_penalty, masked_mean
 from pipeline.batch import Rollout, TrainBatch, concat_rollouts, split_indices
@@ -43,7 +45,10 @@ class Trainer:
         self.version = start_step          # one learner update per step
         self.elapsed_s = 0.0               # training seconds, carried across resumes
         self.samples: list[dict] = []      # the last logged rollouts, for the Parquet artifact
-        self.packet = None                 # ref to the latest weights packet (None: generators hold the initial)
+        self.packet = None                 # ref to the latest object-store weights packet, made on demand
+        self.packet_version = 0            # the policy version in self.packet
+        self.weights_spec = None           # ref to the learner's (name, shape, dtype) list, for broadcasts
+        self.sync_fallbacks = 0            # steps whose collective broadcast failed and used the object store
         self.resent_shards = 0             # shards resent after an actor died, over the whole run
 
     def _eval_rows(self, table):
@@ -65,12 +70,12 @@ class Trainer:
             self.reference_and_values(batch)
         with t("advantages"):       # token rewards (KL in reward) and the configured estimator
             self.advantages(batch)
-        with t("update"):           # epochs x minibatches on the learner
-            stats = ray.get(self.pools.learner.update.remote(batch))
+        with t("update"):           # epochs x minibatches on the K data-parallel learners
+            stats = self.update(batch)
         with t("sync"):             # new weights to every generator, version and checksum checked
-            self.sync_weights()
+            sync = self.sync_weights()
         self.step_count += 1
-        return self.metrics(batch, stats, t.seconds)
+        return self.metrics(batch, {**stats, **sync}, t.seconds)
 
     # ------------------------------------------------------------------------------------ stages
     def generate(self, rows: list[dict]) -> Rollout:
@@ -126,12 +131,49 @@ class Trainer:
             token_rewards=token_rewards, mask=mask, group_ids=r.group_ids, values=batch.values,
             gamma=a.gamma, lam=a.lam, scale_by_std=a.scale_by_std))
 
-    def sync_weights(self) -> None:
-        self.packet = self.pools.learner.export_weights.remote()   # kept: a restarted generator needs it
-        checksums = self._gather([ShardCall(g, "set_weights", (self.packet,)) for g in self.pools.generators])
+    def update(self, batch: TrainBatch) -> dict[str, float]:
+        """Every learner gets the whole batch (one object) and updates on its slice; rank 0 reports."""
+        ref = ray.put(batch)
+        return _get_all([learner.update.remote(ref) for learner in self.pools.learners])[0]
+
+    def sync_weights(self) -> dict[str, float]:
+        """Broadcast over the weights group; on a member's failure, this step goes through the object store
+        and the group is rebuilt at the next sync. Every generator's checksum must match the learner's."""
+        pools, collective = self.pools, self.cfg.resources.weight_sync == "collective"
+        stats = {"sync/collective": 0.0, "sync/fallbacks": float(self.sync_fallbacks)}
+        if collective:
+            try:
+                if not pools.weights_group_ok:
+                    pools.connect_weights_group()
+                sent, checksums = self._broadcast()
+                self.version += 1
+                _check_same(checksums + [sent["checksum"]], self.step_count)
+                return {**stats, "sync/collective": 1.0, "sync/bytes": float(sent["bytes"])}
+            except (RayActorError, RayTaskError, ActorLost) as err:
+                pools.weights_group_ok = False
+                self.sync_fallbacks += 1
+                stats["sync/fallbacks"] = float(self.sync_fallbacks)
+                print(f"step {self.step_count + 1}: weight broadcast failed ({type(err).__name__}); sending this "
+                      "step's weights through the object store and rebuilding the group at the next sync")
+        self.packet = pools.learner.export_weights.remote()   # kept: a restarted generator needs it
+        self.packet_version = self.version + 1
+        checksums = self._gather([ShardCall(g, "set_weights", (self.packet,)) for g in pools.generators],
+                                 self._restore_generator)
         self.version += 1
-        if len(set(checksums)) != 1:
-            raise RuntimeError(f"after sync the generators hold different weights: {checksums}")
+        _check_same(checksums, self.step_count)
+        return stats
+
+    def _broadcast(self) -> tuple[dict, list[str]]:
+        pools = self.pools
+        if self.weights_spec is None:
+            self.weights_spec = ray.put(ray.get(pools.learner.weights_spec.remote()))
+        from pipeline.learner import SYNC_GROUP
+
+        send = pools.learner.broadcast_weights.remote()
+        receive = [g.receive_weights.remote(SYNC_GROUP, self.weights_spec, self.version + 1)
+                   for g in pools.generators]
+        sent, *checksums = _get_all([send, *receive])
+        return sent, checksums
 
     def evaluate(self) -> float | None:
         """Greedy exact match on the held-out prompts, sharded over the generators."""
@@ -152,9 +194,15 @@ class Trainer:
         return results
 
     def _restore_generator(self, gen) -> None:
-        """A restarted generator reloads the initial weights: give it the current ones first."""
-        if self.packet is not None:
-            gen.set_weights.remote(self.packet)
+        """A restarted generator reloads the initial weights: give it the current ones first. It left the
+        broadcast group by dying, so the group is rebuilt at the next sync."""
+        self.pools.weights_group_ok = False
+        if self.version == 0:
+            return                                          # it loaded version 0 itself
+        if self.packet is None or self.packet_version != self.version:
+            self.packet = self.pools.learner.export_weights.remote()
+            self.packet_version = self.version
+        gen.set_weights.remote(self.packet)
 
     # ------------------------------------------------------------------------------------ metrics
     def metrics(self, batch: TrainBatch, stats: dict, seconds: dict) -> dict[str, float]:
@@ -192,7 +240,8 @@ class Trainer:
     def restore(self, ckpt) -> None:
         from pipeline.checkpoint import restore_rng
 
-        ray.get(self.pools.learner.load_state.remote(ckpt.models, ckpt.optimizers, ckpt.extra["policy_version"]))
+        ray.get([learner.load_state.remote(ckpt.models, ckpt.optimizers, ckpt.extra["policy_version"])
+                 for learner in self.pools.learners])
         self.step_count = ckpt.extra["step"]
         self.version = ckpt.extra["policy_version"]
         self.elapsed_s = ckpt.extra.get("elapsed_s", 0.0)
@@ -200,7 +249,31 @@ class Trainer:
         if ckpt.rng:
             restore_rng(ckpt.rng)
         self.packet = self.pools.learner.export_weights.remote()
-        self._gather([ShardCall(g, "set_weights", (self.packet,)) for g in self.pools.generators])
+        self.packet_version = self.version
+        self._gather([ShardCall(g, "set_weights", (self.packet,)) for g in self.pools.generators],
+                     self._restore_generator)
+
+
+def _get_all(refs: list) -> list:
+    """ray.get of all refs; when one actor died, its RayActorError is raised rather than the collective
+    error the death caused on its peers (which would hide that an actor must be restarted)."""
+    try:
+        return ray.get(refs)
+    except RayTaskError:
+        for ref in refs:
+            try:
+                ray.get(ref)
+            except RayActorError:
+                raise
+            except RayTaskError:
+                pass
+        raise
+
+
+def _check_same(checksums: list[str], step: int) -> None:
+    if len(set(checksums)) != 1:
+        raise RuntimeError(f"step {step + 1}: after the weight sync the generators and the learner hold different "
+                           f"weights: {checksums}")
 
 
 def _solved_fraction(scores: torch.Tensor, group_ids: torch.Tensor) -> float:

@@ -2,6 +2,11 @@
 
 Runs without Ray; `actors.Learner` is its remote shell. The losses come from `pipeline.algorithms.core`;
 this class only owns models, optimizers and the minibatch loop.
+
+Data parallel: K learners (ranks) each hold the whole batch and walk the same minibatch order; each
+takes its slice of every minibatch, weighs its loss by its share of the minibatch (`shard_weight`) and
+the gradients are summed over the "learners" group before clipping and the optimizer step, so K ranks
+take exactly the step one learner would take on the whole minibatch, and stay identical.
 """
 from __future__ import annotations
 
@@ -12,19 +17,24 @@ import torch
 
 from pipeline.algorithms.advantages import ADVANTAGE_ESTIMATORS
 from pipeline.algorithms.core import (aggregate_loss, clipped_policy_loss, clipped_value_loss, kl_penalty,
-                                      masked_mean)
+                                      masked_mean, shard_weight)
 from pipeline.batch import Rollout, TrainBatch
+from pipeline.collective import GroupMember, all_reduce_grads, send_weights, weights_spec
 from pipeline.config import RunConfig
-from pipeline.weights import WeightsPacket, pack_weights
+from pipeline.weights import WeightsPacket, model_checksum, pack_weights
 from pipeline.workers import resolve_device, setup_torch
 
+DP_GROUP = "learners"      # the K data-parallel learners
+SYNC_GROUP = "weights"     # learner rank 0 and every generator
 
-class Learner:
-    def __init__(self, cfg: RunConfig, threads: int = 1):
+
+class Learner(GroupMember):
+    def __init__(self, cfg: RunConfig, threads: int = 1, rank: int = 0, world_size: int = 1):
         from pipeline.models import CriticModel, load_causal_lm
 
-        setup_torch(threads, cfg.train.seed)
+        setup_torch(threads, cfg.train.seed)   # same seed on every rank: identical initial value heads
         self.cfg = cfg
+        self.rank, self.world_size = rank, world_size
         self.device = resolve_device(cfg.model.device)
         self.policy = load_causal_lm(cfg.model.path, dtype=cfg.model.dtype, device=self.device)
         self.policy.train()
@@ -94,18 +104,29 @@ class Learner:
         sums: dict[str, float] = {}
         count = 0
         for _ in range(lc.epochs):
-            for idx in torch.randperm(n, generator=gen).split(lc.minibatch_size):
-                stats = self._minibatch(batch, idx)
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + v
+            for full in torch.randperm(n, generator=gen).split(lc.minibatch_size):   # same order on every rank
+                idx = full.tensor_split(self.world_size)[self.rank]
+                weight = shard_weight(batch.rollout.completion_mask[idx], batch.rollout.completion_mask[full],
+                                      self.cfg.algorithm.loss_agg)
+                stats = self._minibatch(batch, idx, weight)
+                for k, v in stats.items():      # weighted: summed over ranks they are the minibatch's values
+                    sums[k] = sums.get(k, 0.0) + weight * v
                 count += 1
         self.version += 1
+        if self.world_size > 1:
+            names = sorted(sums)
+            totals = torch.tensor([sums[k] for k in names], dtype=torch.float64, device=self.device)
+            self.group(DP_GROUP).all_reduce_sum_(totals)
+            sums = dict(zip(names, totals.cpu().tolist()))
         metrics = {k: v / count for k, v in sums.items()}
         metrics["optim/lr"] = lr
         return metrics
 
-    def _minibatch(self, batch: TrainBatch, idx: torch.Tensor) -> dict[str, float]:
+    def _minibatch(self, batch: TrainBatch, idx: torch.Tensor, weight: float = 1.0) -> dict[str, float]:
+        """One optimizer step on this rank's rows `idx` of a minibatch; `weight` is their share of it."""
         a, lc = self.cfg.algorithm, self.cfg.learner
+        if len(idx) == 0:
+            return self._empty_minibatch()
         d = self.device
         r = batch.rollout
         mask = r.completion_mask[idx].to(d)
@@ -131,7 +152,8 @@ class Learner:
             loss = loss + a.value_coef * v_loss
             stats.update({"value/loss": v_loss.item(), "value/clip_frac": vs["value_clip_frac"]})
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (weight * loss).backward()
+        self._reduce_grads(self.params)
         stats["optim/grad_norm"] = _clip(self.params, lc.max_grad_norm)
         self.opt.step()
         if self.critic is not None:
@@ -139,16 +161,48 @@ class Learner:
             v_loss, vs = clipped_value_loss(v, batch.values[idx].to(d), batch.returns[idx].to(d), mask,
                                             a.value_clip, agg=a.loss_agg)
             self.critic_opt.zero_grad(set_to_none=True)
-            v_loss.backward()
+            (weight * v_loss).backward()
+            self._reduce_grads(list(self.critic.parameters()))
             stats["value/grad_norm"] = _clip(list(self.critic.parameters()), lc.max_grad_norm)
             self.critic_opt.step()
             stats.update({"value/loss": v_loss.item(), "value/clip_frac": vs["value_clip_frac"],
                           "value/mean": masked_mean(v.detach(), mask).item()})
         return stats
 
+    def _empty_minibatch(self) -> dict[str, float]:
+        """A short last minibatch left this rank no rows: it still takes part in the peers' all-reduces."""
+        for params, opt in [(self.params, self.opt)] + ([(list(self.critic.parameters()), self.critic_opt)]
+                                                      if self.critic is not None else []):
+            opt.zero_grad(set_to_none=True)
+            self._reduce_grads(params)
+            _clip(params, self.cfg.learner.max_grad_norm)
+            opt.step()
+        return {}
+
+    def _reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
+        if self.world_size > 1:
+            all_reduce_grads(self.group(DP_GROUP), params)
+
     # ------------------------------------------------------------------------------------------ weights
     def export_weights(self) -> WeightsPacket:
         return pack_weights(self.policy, self.version)
+
+    def weights_spec(self) -> list[tuple[str, tuple, str]]:
+        return weights_spec(self.policy)
+
+    def broadcast_weights(self) -> dict:
+        """Send the policy to the generators over the "weights" group (rank 0 of it). -> version, checksum,
+        bytes, seconds spent checksumming and sending."""
+        import time
+
+        start = time.perf_counter()
+        checksum = model_checksum(self.policy)
+        sent = send_weights(self.group(SYNC_GROUP), self.policy, self.version, checksum)
+        return {"version": self.version, "checksum": checksum, "bytes": sent,
+                "seconds": time.perf_counter() - start}
+
+    def checksum(self) -> str:
+        return model_checksum(self.policy)
 
     def state(self) -> tuple[dict, dict]:
         """(models, optimizers) state dicts for a checkpoint."""

@@ -6,6 +6,7 @@ import os
 import torch
 
 from pipeline.batch import Rollout
+from pipeline.collective import GroupMember, receive_weights
 from pipeline.config import ModelConfig, RolloutConfig
 from pipeline.generation import GENERATION_BACKENDS
 from pipeline.weights import WeightsPacket, model_checksum, unpack_weights
@@ -29,7 +30,7 @@ def step_seed(seed: int, step: int, worker: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + worker * 104_729) % (2**31 - 1)
 
 
-class RolloutGenerator:
+class RolloutGenerator(GroupMember):
     """Samples completions from the current policy through a generation backend."""
 
     def __init__(self, model_cfg: ModelConfig, rollout_cfg: RolloutConfig, worker_index: int = 0,
@@ -45,6 +46,7 @@ class RolloutGenerator:
         model.eval()
         tokenizer = load_tokenizer(model_cfg.path)
         self.backend = GENERATION_BACKENDS.get(rollout_cfg.backend)(model, tokenizer)
+        self.device = device
         self.version = 0
 
     def generate(self, prompts: list[str], group_ids: list[int], sample_index: list[int], step: int) -> Rollout:
@@ -73,6 +75,17 @@ class RolloutGenerator:
         self.backend.load_state_dict(unpack_weights(packet))
         self.version = packet.version
         return self.weights_checksum()
+
+    def receive_weights(self, group: str, spec: list[tuple[str, tuple, str]], version: int) -> str:
+        """Take part in the learner's broadcast over process group `group`; verify version and checksum."""
+        got_version, sent_checksum, state = receive_weights(self.group(group), spec, self.device)
+        self.backend.load_state_dict(state)
+        checksum = self.weights_checksum()
+        if got_version != version or checksum != sent_checksum:
+            raise RuntimeError(f"generator {self.worker_index}: broadcast weights are version {got_version} with "
+                               f"checksum {checksum}; expected version {version} with checksum {sent_checksum}")
+        self.version = version
+        return checksum
 
     def weights_checksum(self) -> str:
         return model_checksum(self.backend.model)

@@ -264,3 +264,20 @@ def logprobs_from_logits(logits: torch.Tensor, token_ids: torch.Tensor, temperat
         return picked - torch.logsumexp(logits, dim=-1)
     lse = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])  # N x (T,) -> (N, T)
     return picked.float() - lse
+
+
+def shard_weight(shard_mask: torch.Tensor, full_mask: torch.Tensor, mode: str) -> float:
+    """Weight of one shard's aggregated loss when a minibatch is split across data-parallel learners.
+
+    shard_mask: (n, T) bool, the shard's rows of full_mask: (N, T) bool. Summing
+    `shard_weight(shard_k) * aggregate_loss(loss_k, shard_k, mode)` over the shards gives
+    `aggregate_loss(loss, full, mode)` exactly, so all-reducing (summing) the shards' gradients reproduces
+    the single-learner gradient. token-mean weighs by valid tokens, the sequence means by valid sequences.
+    A minibatch with no valid token gives 0.
+    """
+    _lookup(LOSS_AGGREGATIONS, mode)
+    if mode == "token-mean":
+        part, whole = shard_mask.sum(), full_mask.sum()
+    else:
+        part, whole = shard_mask.any(dim=-1).sum(), full_mask.any(dim=-1).sum()
+    return float(part) / float(whole) if whole > 0 else 0.0
