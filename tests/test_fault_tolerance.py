@@ -57,3 +57,34 @@ def test_killed_generator_and_scorer_are_replaced_and_the_step_completes(tiny_ta
         assert rollout.policy_version == trainer.version and len(rollout.prompts) == 32
     finally:
         pools.shutdown()
+
+
+@ray.remote
+class Producer:
+    def packet(self) -> bytes:
+        return b"weights"
+
+
+@ray.remote(max_restarts=-1)
+class Consumer:
+    def take(self, packet: bytes) -> int:
+        return len(packet)
+
+
+def test_shard_whose_input_died_with_another_actor_raises_at_once(ray_with_marker):
+    """Weights exported by a learner that then died: resending cannot help, so gather must not loop until
+    its deadline but raise the actor error for the run's recovery."""
+    from ray.exceptions import RayActorError
+
+    from actors.resilient import ShardCall, gather
+
+    producer, consumer = Producer.remote(), Consumer.remote()
+    ray.get([producer.__ray_ready__.remote(), consumer.__ray_ready__.remote()])
+    assert gather([ShardCall(consumer, "take", (producer.packet.remote(),))]) == ([7], 0)
+    ray.kill(producer)
+    packet = producer.packet.remote()                  # holds the producer's death
+    start = time.monotonic()
+    with pytest.raises(RayActorError):
+        gather([ShardCall(consumer, "take", (packet,))], timeout_s=20)
+    assert time.monotonic() - start < 5
+    assert ray.get(consumer.take.remote(b"ok")) == 2   # the consumer itself was fine all along
