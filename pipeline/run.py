@@ -24,7 +24,9 @@ def init_ray(cfg: RunConfig, address: Optional[str] = None) -> bool:
     if address:
         ray.init(address=address, logging_level="WARNING")
         return False
-    ray.init(num_cpus=cfg.resources.num_cpus or os.cpu_count(), include_dashboard=False,
+    # address="local": without it ray.init joins whatever cluster /tmp/ray/ray_current_cluster names (a
+    # `ray start` head or another process's Ray on this machine) and then fails on num_cpus.
+    ray.init(address="local", num_cpus=cfg.resources.num_cpus or os.cpu_count(), include_dashboard=False,
              logging_level="WARNING", runtime_env={"env_vars": {"PYTHONPATH": local_pythonpath()}})
     return True
 

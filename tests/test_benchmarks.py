@@ -1,0 +1,45 @@
+"""benchmarks/rollout_scaling.py: the worker resources it assigns and a tiny end-to-end sweep."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def load_bench(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCHMARKS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.unit
+def test_worker_resources_split_the_cpus_or_take_a_fixed_share():
+    resources = load_bench("rollout_scaling").worker_resources
+    assert resources(1, 2.0, 0.0, 0) == (2.0, 2)        # one worker gets both cores as threads
+    assert resources(2, 2.0, 0.0, 0) == (1.0, 1)
+    assert resources(4, 2.0, 0.0, 0) == (0.5, 1)        # at least one thread, so 4 threads on 2 cores
+    assert resources(4, 2.0, 1.0, 0) == (1.0, 1)        # fixed share, whatever N
+    assert resources(1, 2.0, 0.0, 3) == (2.0, 3)        # explicit threads win
+
+
+@pytest.mark.ray
+def test_rollout_scaling_table_has_a_row_per_worker_count(tiny_task, tmp_path):
+    bench = load_bench("rollout_scaling")
+    B, G, T = 4, 2, 3
+    summary = bench.main(["--workers", "1,2", "--repeats", "1", "--model", tiny_task["model"],
+                          "--data", os.path.dirname(tiny_task["data"]["train"]), "--cpus-per-worker", "0.5",
+                          "--out", str(tmp_path), f"rollout.prompts_per_step={B}",
+                          f"rollout.samples_per_prompt={G}", f"rollout.max_new_tokens={T}"])
+    rows = summary["rows"]
+    assert [r["workers"] for r in rows] == [1, 2]
+    assert [(r["cpus_per_worker"], r["threads_per_worker"]) for r in rows] == [(0.5, 1), (0.5, 1)]
+    for r in rows:
+        assert len(r["times_s"]) == 1 and r["samples_per_s"] == pytest.approx(B * G / r["median_s"])
+        assert 0 < r["tokens"][0] <= B * G * T and r["tokens_per_s"] > 0
+    assert rows[0]["speedup"] == 1.0 and rows[1]["efficiency"] == pytest.approx(rows[1]["speedup"] / 2)
+    assert json.loads((tmp_path / "rollout_scaling.json").read_text())["rows"][1]["workers"] == 2
+    table = (tmp_path / "rollout_scaling.md").read_text().splitlines()
+    assert [line.split("|")[1].strip() for line in table if line.startswith("| ") and line[2].isdigit()] == ["1", "2"]
