@@ -202,7 +202,12 @@ class Trainer:
         if self.packet is None or self.packet_version != self.version:
             self.packet = self.pools.learner.export_weights.remote()
             self.packet_version = self.version
-        gen.set_weights.remote(self.packet)
+        try:                  # wait for it: a generator left on its initial weights would generate stale rollouts
+            ray.get(gen.set_weights.remote(self.packet))
+        except RayTaskError:
+            raise             # the weights are gone with their learner (or arrived corrupt): a checkpoint restores
+        except RayActorError:
+            pass              # the generator died again: gather resends the shard and restores once more
 
     # ------------------------------------------------------------------------------------ metrics
     def metrics(self, batch: TrainBatch, stats: dict, seconds: dict) -> dict[str, float]:
