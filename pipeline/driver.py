@@ -20,6 +20,7 @@ from pipeline.algorithms.advantages import AdvantageInputs, compute_advantages, 
 from pipeline.algorithms.core import kl_penalty, masked_mean
 from pipeline.batch import Rollout, TrainBatch, concat_rollouts, split_indices
 from pipeline.config import RunConfig, flat_dict
+from pipeline.learner import SYNC_GROUP
 
 
 class StageTimer:
@@ -167,8 +168,6 @@ class Trainer:
         pools = self.pools
         if self.weights_spec is None:
             self.weights_spec = ray.put(ray.get(pools.learner.weights_spec.remote()))
-        from pipeline.learner import SYNC_GROUP
-
         send = pools.learner.broadcast_weights.remote()
         receive = [g.receive_weights.remote(SYNC_GROUP, self.weights_spec, self.version + 1)
                    for g in pools.generators]
