@@ -2,7 +2,8 @@
 
 Every actor gets a bundle of its own (CPU/GPU shares from config), so the layout is reserved up front:
 either the cluster can hold all of it and the run starts, or `ClusterTooSmall` says what is missing
-before any model is loaded.
+before any model is loaded. A run started inside a placement group that already reserves one bundle per
+actor (a Ray Tune trial's, which captures the tasks it starts) places its actors in those bundles instead.
 """
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from ray.util.placement_group import get_current_placement_group, placement_grou
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.shells import Learner, Reference, RewardScorer, RolloutWorker
+from pipeline.collective import DP_GROUP, resolve_backend
 from pipeline.config import RunConfig
 from pipeline.errors import UserInputError
-from pipeline.learner import DP_GROUP, SYNC_GROUP
 
 
 class ClusterTooSmall(UserInputError):
@@ -31,33 +32,23 @@ class ActorPools:
     placement_group: object | None = None
     bundles: list[dict] = field(default_factory=list)
     cfg: RunConfig | None = None
-    weights_group_ok: bool = False    # the broadcast group is formed and every member is still in it
 
     @property
     def learner(self):
+        """Learner rank 0 (it computes values, exports and broadcasts weights)."""
         return self.learners[0]
 
     def all(self) -> list:
         return [a for a in [*self.learners, *self.generators, *self.scorers, self.reference] if a is not None]
 
-    def connect_weights_group(self) -> None:
-        """(Re)build the broadcast group: learner rank 0 and every generator, in that rank order."""
-        r = self.cfg.resources
-        gpu = self.cfg.model.device != "cpu" and r.gpus_per_learner > 0 and r.gpus_per_rollout_worker > 0
-        self.weights_group_ok = False
-        connect_group(SYNC_GROUP, [self.learner, *self.generators], _backend(self.cfg, gpu), r.collective_timeout_s)
-        self.weights_group_ok = True
-
     def wait_ready(self) -> None:
-        """Block until every actor's constructor ran (a failing one raises its error here) and the process
-        groups formed: the learners' data-parallel group, and the weights group when sync is collective."""
+        """Block until every actor's constructor ran (a failing one raises its error here) and the learners'
+        data-parallel group formed. (The weights group is `actors.weight_sync`'s.)"""
         ray.get([a.__ray_ready__.remote() for a in self.all()])
         r = self.cfg.resources
         if len(self.learners) > 1:
             gpu = self.cfg.model.device != "cpu" and r.gpus_per_learner > 0
-            connect_group(DP_GROUP, self.learners, _backend(self.cfg, gpu), r.collective_timeout_s)
-        if r.weight_sync == "collective":
-            self.connect_weights_group()
+            connect_group(DP_GROUP, self.learners, resolve_backend(r.collective_backend, gpu), r.collective_timeout_s)
 
     def shutdown(self) -> None:
         for actor in self.all():
@@ -72,11 +63,6 @@ def connect_group(name: str, members: list, backend: str, timeout_s: float) -> N
     host, port = ray.get(members[0].open_store.remote(name, len(members), timeout_s))
     ray.get([m.join_group.remote(name, host, port, rank, len(members), backend, timeout_s)
              for rank, m in enumerate(members)])
-
-
-def _backend(cfg: RunConfig, gpu: bool) -> str:
-    b = cfg.resources.collective_backend
-    return b if b != "auto" else ("nccl" if gpu else "gloo")
 
 
 def layout(cfg: RunConfig) -> list[tuple[str, dict]]:
@@ -109,12 +95,13 @@ def check_fits(roles: list[tuple[str, dict]], available: dict[str, float]) -> No
                 f"resources.*_per_* shares or the worker counts, or add nodes")
 
 
-def start_actors(cfg: RunConfig, own_placement_group: bool = True) -> ActorPools:
-    """Start all actors. With `own_placement_group=False` (inside a Tune trial) they land in the caller's."""
+def start_actors(cfg: RunConfig) -> ActorPools:
+    """Start all actors: in a placement group of their own, or in the caller's when it runs inside one
+    (a Tune trial's), one bundle per actor."""
     roles = layout(cfg)
     check_fits(roles, ray.cluster_resources())
     pg = None
-    if own_placement_group:
+    if get_current_placement_group() is None:
         pg = placement_group([b for _, b in roles], strategy=cfg.resources.placement_strategy)
         ready, _ = ray.wait([pg.ready()], timeout=60)
         if not ready:
@@ -155,7 +142,7 @@ def start_actors(cfg: RunConfig, own_placement_group: bool = True) -> ActorPools
                                                                      r.learners))
         elif role == "generator":
             generators.append(RolloutWorker.options(**options(i, b, restartable=True)).remote(
-                cfg.model, cfg.rollout, len(generators), cfg.train.seed, threads(b["CPU"])))
+                cfg.model, cfg.rollout, cfg.data.chat_template, len(generators), cfg.train.seed, threads(b["CPU"])))
         elif role == "scorer":
             scorers.append(RewardScorer.options(**options(i, b, restartable=True)).remote(
                 cfg.reward.functions, cfg.reward.weights, cfg.reward.failed_reward))

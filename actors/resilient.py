@@ -102,6 +102,22 @@ def _probe(actor):
     return actor.__ray_call__.remote(lambda instance: ray.get_runtime_context().get_worker_id())
 
 
+def get_all(refs: list) -> list:
+    """ray.get of all refs; when one actor died, its RayActorError is raised rather than the collective
+    error the death caused on its peers (which would hide that an actor must be restarted)."""
+    try:
+        return ray.get(refs)
+    except RayTaskError:
+        for ref in refs:
+            try:
+                ray.get(ref)
+            except RayActorError:
+                raise
+            except RayTaskError:
+                pass
+        raise
+
+
 def _raise_if_input_lost(err: RayActorError) -> None:
     """A `RayTaskError` that is a `RayActorError` means the call ran, so its own actor is alive, and failed on
     another actor's death: an argument produced by it (weights exported by a lost learner) holds the error.

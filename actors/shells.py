@@ -1,17 +1,29 @@
-"""The four remote actor types: rollout generators, reward scorers, the learner and the reference."""
+"""The four remote actor types: rollout generators, reward scorers, learners and the reference. Each is a
+few lines around a plain class of `pipeline/` that runs, and is tested, without Ray."""
 from __future__ import annotations
 
 import os
 
 import ray
 
-from pipeline.learner import Learner as _Learner
+from pipeline.generator import RolloutGenerator
+from pipeline.reference import ReferencePolicy
 from pipeline.rewards import RewardComposer, ScoredShard
-from pipeline.workers import ReferencePolicy, RolloutGenerator
+from pipeline.trainers.ppo import PolicyLearner
+
+
+class _OnRayNode:
+    """What only Ray knows about the process: the address other nodes reach it at (process groups)."""
+
+    def node_ip(self) -> str:
+        return ray.util.get_node_ip_address()
+
+    def pid(self) -> int:
+        return os.getpid()
 
 
 @ray.remote
-class RolloutWorker(RolloutGenerator):
+class RolloutWorker(_OnRayNode, RolloutGenerator):
     """Samples completions for its shard of prompts; receives weights after every update."""
 
 
@@ -19,7 +31,7 @@ class RolloutWorker(RolloutGenerator):
 class RewardScorer(RewardComposer):
     """Scores a shard of completions with the configured reward functions."""
 
-    def score_shard(self, sample_index: list[int], prompts: list[str], completions: list[str],
+    def score_shard(self, sample_index: list[int], prompts: list, completions: list[str],
                     columns: dict[str, list]) -> tuple[list[int], ScoredShard]:
         return sample_index, self.score(prompts, completions, columns)
 
@@ -28,13 +40,10 @@ class RewardScorer(RewardComposer):
 
 
 @ray.remote
-class Learner(_Learner):
-    """Policy (and critic) updates; exports weights for the generators."""
-
-    def pid(self) -> int:
-        return os.getpid()
+class Learner(_OnRayNode, PolicyLearner):
+    """Policy (and critic) updates on one rank; exports weights for the generators."""
 
 
 @ray.remote
-class Reference(ReferencePolicy):
+class Reference(_OnRayNode, ReferencePolicy):
     """Frozen reference log-probs for the KL term."""

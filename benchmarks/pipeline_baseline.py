@@ -63,8 +63,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. rollout.prompts_per_step=32")
     args = parser.parse_args()
 
+    from actors.run import run_training
     from pipeline.config import load_config
-    from pipeline.run import run_training
 
     out = tempfile.mkdtemp(prefix="rlpipe-bench-")
     cfg = load_config(args.config, [f"train.steps={args.steps}", "train.time_budget_s=null",

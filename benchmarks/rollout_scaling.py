@@ -46,9 +46,9 @@ def worker_resources(n: int, ray_cpus: float, cpus_per_worker: float, threads_pe
 
 def resolve_inputs(args, cfg, tmp: str) -> tuple[str, str]:
     """(model folder, prompt file): the flags, else the preset's paths if present, else built in tmp."""
-    from pipeline.data import make_arithmetic_task
-    from pipeline.models import build_tiny_model
-    from pipeline.warmstart import DEMO_DIGITS, DEMO_MODEL
+    from pipeline.demo.task import make_arithmetic_task
+    from pipeline.demo.warmstart import DEMO_DIGITS, DEMO_MODEL
+    from pipeline.small_models import build_tiny_model
 
     model = args.model or (cfg.model.path if os.path.isdir(cfg.model.path) else None)
     if model is None:
@@ -84,7 +84,8 @@ def measure(n: int, cfg, rows: list[dict], repeats: int, cpus: float, threads: i
 
     from actors.shells import RolloutWorker
 
-    workers = [RolloutWorker.options(num_cpus=cpus, num_gpus=gpus).remote(cfg.model, cfg.rollout, i,
+    workers = [RolloutWorker.options(num_cpus=cpus, num_gpus=gpus).remote(cfg.model, cfg.rollout,
+                                                                         cfg.data.chat_template, i,
                                                                          cfg.train.seed, threads)
                for i in range(n)]
     try:
@@ -153,9 +154,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     import ray
 
+    from actors.run import init_ray
     from pipeline.config import load_config
     from pipeline.data import PromptSampler, read_prompt_table
-    from pipeline.run import init_ray
 
     cores = os.cpu_count()
     # A local Ray gets this machine's cores, or enough logical CPUs for the largest fixed-share layout.

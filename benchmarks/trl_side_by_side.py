@@ -48,8 +48,8 @@ def eval_rows(data_dir: str, n: int) -> tuple[list[str], list[str]]:
 
 # ------------------------------------------------------------------------------------------------ rlpipe
 def run_rlpipe(args) -> dict:
+    from actors.run import run_training
     from pipeline.config import load_config
-    from pipeline.run import run_training
 
     budget_s = 60 * args.minutes
     cfg = load_config("grpo", [

@@ -30,9 +30,11 @@ SIZES = {"1M": (128, 4, 344), "13M": (512, 4, 1376), "101M": (1024, 8, 2752), "3
 def time_syncs(model_path: str, workers: int, repeats: int, gpus: float = 0.0) -> dict:
     import ray
 
+    from actors.learner_group import LearnerGroup
     from actors.pools import start_actors
+    from actors.weight_sync import WeightSync
+    from pipeline.collective import SYNC_GROUP
     from pipeline.config import load_config
-    from pipeline.learner import SYNC_GROUP
 
     cfg = load_config("grpo", [f"model.path={model_path}", f"resources.rollout_workers={workers}",
                                "resources.cpus_per_rollout_worker=0.5", "resources.cpus_per_learner=0.5",
@@ -42,6 +44,7 @@ def time_syncs(model_path: str, workers: int, repeats: int, gpus: float = 0.0) -
     try:
         pools.wait_ready()
         learner, gens = pools.learner, pools.generators
+        WeightSync(cfg, LearnerGroup(pools.learners), gens, gather=None).connect()   # the broadcast group
         spec = ray.put(ray.get(learner.weights_spec.remote()))
 
         def collective() -> float:
@@ -83,7 +86,7 @@ def _state(model_path: str) -> dict:
 def main(argv: list[str] | None = None) -> list[dict]:
     import ray
 
-    from pipeline.models import build_tiny_model
+    from pipeline.small_models import build_tiny_model
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="1M,13M,101M", help=f"comma-separated, from {', '.join(SIZES)}")

@@ -8,7 +8,7 @@ Log-probs, values, rewards and advantages are per completion token: shape (N, T)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 import torch
@@ -19,14 +19,14 @@ class Rollout:
     """What one generator returns for one shard of prompts (n sequences of the step's N)."""
 
     # --- text and tokens
-    prompts: list[str]                 # (n,) the prompt text of each sequence (repeated G times)
+    prompts: list[str]                 # (n,) the prompt text as the model saw it (after any chat template)
     completions: list[str]             # (n,) decoded completion text, special tokens removed
     prompt_ids: torch.Tensor           # (n, P) long, left-padded with the tokenizer's pad id
     prompt_mask: torch.Tensor          # (n, P) bool, True on real prompt tokens
     completion_ids: torch.Tensor       # (n, T) long, right-padded after the EOS token
     completion_mask: torch.Tensor      # (n, T) bool, True on generated tokens up to and incl. EOS
     # --- sampling record
-    logprobs: torch.Tensor             # (n, T) float32, log pi_old(token) under the sampling temperature
+    logprobs: torch.Tensor             # (n, T) float32, log pi_behaviour(token): the sampler's, at its temperature
     group_ids: torch.Tensor            # (n,) long, index of the prompt in the step (same for its G samples)
     sample_index: torch.Tensor         # (n,) long, global position 0..N-1 in the step (restores order)
     policy_version: int                # learner update count the generator's weights came from
@@ -40,17 +40,26 @@ class TrainBatch:
     # --- reward
     scores: torch.Tensor                          # (N,) float32 sequence reward (failed -> 0.0)
     score_failed: torch.Tensor                    # (N,) bool, the reward function raised or returned None
-    # --- filled by reference / critic / advantage stages
+    # --- filled by the reference / values stage and the advantage stage
+    old_logprobs: Optional[torch.Tensor] = None   # (N, T) float32 log pi_old(token): the learner's when it
+                                                  # recomputes them (algorithm.old_logprobs), else the sampler's
     ref_logprobs: Optional[torch.Tensor] = None   # (N, T) float32 log pi_ref(token)
     values: Optional[torch.Tensor] = None         # (N, T) float32 critic value before each token
-    token_rewards: Optional[torch.Tensor] = None  # (N, T) float32 score at the last token, minus KL if in reward
     advantages: Optional[torch.Tensor] = None     # (N, T) float32
     returns: Optional[torch.Tensor] = None        # (N, T) float32 value targets (critic estimators only)
-    extras: dict = field(default_factory=dict)    # columns the reward saw (e.g. "answer"), for logging
 
     @property
     def num_sequences(self) -> int:
         return len(self.rollout.prompts)
+
+    def keep_rows(self, keep: torch.Tensor) -> "TrainBatch":
+        """The batch restricted to rows where `keep` (N,) bool is True, before the later stages ran (dropping
+        samples whose reward failed: they leave the loss and their group's statistics)."""
+        if any(getattr(self, f) is not None for f in ("old_logprobs", "ref_logprobs", "values", "advantages")):
+            raise RuntimeError("keep_rows runs right after scoring, before the reference/values stage")
+        rows = keep.nonzero().squeeze(-1)
+        return TrainBatch(rollout=select_rollout(self.rollout, rows), scores=self.scores[rows],
+                          score_failed=self.score_failed[rows])
 
 
 def concat_rollouts(parts: list[Rollout]) -> Rollout:

@@ -259,6 +259,20 @@ def _prune(root: Path, keep_last: int, keep: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def update_checkpoint_extra(path: str | os.PathLike, **updates: Any) -> None:
+    """Change entries of a saved checkpoint's `extra` (e.g. the MLflow run a copied checkpoint logs to),
+    atomically: meta.json is replaced whole."""
+    meta_path = Path(path) / "meta.json"
+    with open(meta_path) as f:
+        meta = json.load(f)
+    extra = _decode(meta["extra"], {})
+    extra.update(updates)
+    meta["extra"] = _encode(extra, "extra", {})
+    tmp = meta_path.with_suffix(".json.tmp")
+    _write_json(tmp, meta, indent=2)
+    os.replace(tmp, meta_path)
+
+
 def latest_checkpoint(root_dir: str | os.PathLike) -> str | None:
     """Path of the highest-step complete checkpoint, or None. Temp dirs of crashed saves are ignored."""
     dirs = _step_dirs(Path(root_dir))
@@ -306,13 +320,21 @@ def restore_rng(rng: dict) -> None:
 
 
 def save_hf_model(model, tokenizer, out_dir: str | os.PathLike) -> str:
-    """Save the policy as a Hugging Face folder (`from_pretrained` loads it), atomically like a checkpoint."""
+    """Save the policy as a Hugging Face folder (`from_pretrained` loads it), atomically like a checkpoint.
+
+    Dropout that loading zeroed for RL (`pipeline.models.zero_dropout`, kept in `model.zeroed_dropout`) is
+    written back with the values the model came with.
+    """
+    from pipeline.models import set_config_values
+
     out = Path(out_dir).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp_{out.name}_", dir=out.parent))
     # transformers 5 always writes safetensors and dropped the flag; 4.x still takes it.
     kwargs = {"safe_serialization": True} if "safe_serialization" in inspect.signature(model.save_pretrained).parameters else {}
+    zeroed = getattr(model, "zeroed_dropout", {})
     try:
+        set_config_values(model.config, zeroed)
         model.save_pretrained(str(tmp), **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
@@ -320,6 +342,8 @@ def save_hf_model(model, tokenizer, out_dir: str | os.PathLike) -> str:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        set_config_values(model.config, {k: 0.0 for k in zeroed})
     return str(out)
 
 

@@ -9,39 +9,32 @@ weight-sync groups.
 
 Rendezvous: rank 0 opens the store on a free port (`open_store`), the driver hands its address to the
 others, and every member constructs the group at the same time (construction blocks until all joined).
+The address is the one other nodes reach this process at: `GroupMember.node_ip`, which the Ray shells
+(`actors.shells`) answer with Ray's view of the node; without Ray it is the loopback address.
 """
 from __future__ import annotations
 
-import socket
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 
-def node_ip() -> str:
-    """This process's address as other nodes reach it (Ray's view of the node when Ray runs)."""
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return ray.util.get_node_ip_address()
-    except ImportError:   # plain-class use without Ray
-        pass
-    return "127.0.0.1"
+DP_GROUP = "learners"      # the K data-parallel learners
+SYNC_GROUP = "weights"     # learner rank 0 and every generator
 
 
-def open_store(world_size: int, timeout_s: float) -> tuple[dist.TCPStore, str, int]:
-    """Rank 0's side of the rendezvous: a store on a free port. -> (store, host, port)."""
-    host = node_ip()
+def open_store(world_size: int, timeout_s: float, host: str = "127.0.0.1") -> tuple[dist.TCPStore, str, int]:
+    """Rank 0's side of the rendezvous: a store on a free port of `host`. -> (store, host, port)."""
     store = dist.TCPStore(host, 0, world_size, is_master=True, timeout=timedelta(seconds=timeout_s),
                           wait_for_workers=False)
     return store, host, store.port
 
 
-def resolve_backend(backend: str, device: str) -> str:
+def resolve_backend(backend: str, on_gpu: bool) -> str:
+    """The torch.distributed backend: `auto` = NCCL when every member holds its tensors on a GPU, else gloo."""
     if backend == "auto":
-        return "nccl" if str(device).startswith("cuda") else "gloo"
+        return "nccl" if on_gpu else "gloo"
     return backend
 
 
@@ -106,9 +99,9 @@ def all_reduce_grads(group: Group, params: list[torch.nn.Parameter]) -> None:
 
 # ------------------------------------------------------------------------------ weight broadcast
 
-def weights_spec(model: torch.nn.Module) -> list[tuple[str, tuple, str]]:
-    """(name, shape, dtype) of every state-dict tensor, in order: what a receiver allocates."""
-    return [(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()]
+def weights_spec(state: dict[str, torch.Tensor]) -> list[tuple[str, tuple, str]]:
+    """(name, shape, dtype) of every tensor of a state dict, in order: what a receiver allocates."""
+    return [(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()]
 
 
 def _flat_groups(spec: list[tuple[str, tuple, str]]) -> dict[str, list[tuple[str, tuple]]]:
@@ -124,13 +117,13 @@ def _header(version: int, checksum: str) -> torch.Tensor:
     return torch.tensor([version, len(digest), *digest], dtype=torch.int64)
 
 
-def send_weights(group: Group, model: torch.nn.Module, version: int, checksum: str) -> int:
-    """Rank 0 side: header, then one flat buffer per dtype. Returns bytes sent per receiver."""
-    device = next(model.parameters()).device
+def send_weights(group: Group, state: dict[str, torch.Tensor], version: int, checksum: str) -> int:
+    """Rank 0 side: header, then one flat buffer per dtype of `state` (the weights as the generators hold
+    them). Returns bytes sent per receiver."""
+    device = next(iter(state.values())).device
     group.broadcast_(_header(version, checksum).to(device))
-    state = model.state_dict()
     sent = 0
-    for dtype, entries in _flat_groups(weights_spec(model)).items():
+    for dtype, entries in _flat_groups(weights_spec(state)).items():
         flat = torch.cat([state[name].detach().reshape(-1) for name, _ in entries])
         group.broadcast_(flat)
         sent += flat.numel() * flat.element_size()
@@ -161,9 +154,13 @@ def receive_weights(group: Group, spec: list[tuple[str, tuple, str]], device: st
 class GroupMember:
     """Mixin for the plain classes behind actors that join process groups, by group name."""
 
+    def node_ip(self) -> str:
+        """The address other members reach this process at (the Ray shells answer with the node's)."""
+        return "127.0.0.1"
+
     def open_store(self, name: str, size: int, timeout_s: float = 60.0) -> tuple[str, int]:
         """As rank 0 of group `name`: open its rendezvous. -> (host, port) for the other members."""
-        store, host, port = open_store(size, timeout_s)
+        store, host, port = open_store(size, timeout_s, self.node_ip())
         self.__dict__.setdefault("_stores", {})[name] = store
         return host, port
 

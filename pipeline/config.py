@@ -38,7 +38,9 @@ def F(default: Any, doc: str, *, choices: tuple | None = None, lo: float | None 
 class ModelConfig:
     path: str = F("runs/demo/warm", "Policy to train: a Hugging Face causal-LM folder (save_pretrained) or hub "
                   "name. `rlpipe warmstart` builds the demo's small model here.")
-    dtype: str = F("float32", "Weights dtype for policy, reference and critic.",
+    dtype: str = F("float32", "Compute dtype. Generators and the reference hold their weights in it; learners "
+                   "keep float32 master weights (the optimizer steps on those) and run forward and backward under "
+                   "autocast to it (mixed precision; float16 adds a loss scaler). float32 = plain fp32 everywhere.",
                    choices=("float32", "bfloat16", "float16"))
     device: str = F("auto", "Where actors run their model: `auto` takes CUDA when the actor was given a GPU, "
                     "else CPU.", choices=("auto", "cpu", "cuda"))
@@ -47,6 +49,9 @@ class ModelConfig:
                     "value head on the policy's last hidden state, trained with the policy loss.",
                     choices=("separate", "shared"))
     critic_path: Optional[str] = F(None, "Backbone of the separate critic; null = same folder as `path`.")
+    disable_dropout: bool = F(True, "Set every dropout probability of the model configs to 0 when loading policy, "
+                              "critic and reference (RL compares log-probs of two forwards; OpenRLHF and verl do "
+                              "the same). The exported model keeps the values it came with.")
 
 
 @dataclass
@@ -55,7 +60,14 @@ class DataConfig:
                         "column plus any columns the reward functions read (e.g. `answer`).")
     eval_path: Optional[str] = F("runs/demo/data/eval.parquet", "Held-out prompts with an `answer` column for "
                                  "exact-match evaluation; null disables evaluation.")
-    prompt_column: str = F("prompt", "Name of the prompt column in both files.")
+    prompt_column: str = F("prompt", "Name of the prompt column in both files: text, or chat messages (a list of "
+                           "{role, content}) that the tokenizer's chat template renders.")
+    chat_template: bool = F(False, "Render text prompts as one user message with the tokenizer's chat template "
+                            "(generation prompt appended). Rendered prompts are tokenised without special tokens "
+                            "(the template writes its BOS); a text that already starts with the BOS gets no second.")
+    max_prompt_tokens: Optional[int] = F(None, "Drop training prompts longer than this many tokens before the run "
+                                         "(the count is printed); null = keep all, and a prompt that does not fit "
+                                         "the model with max_new_tokens is an error before anything starts.", lo=1)
     eval_size: int = F(500, "Eval prompts used (first N rows). A 500-prompt eval moves about +-3.5 points.", lo=1)
     seed: int = F(0, "Seed of the per-epoch prompt shuffle.")
 
@@ -81,6 +93,9 @@ class RewardConfig:
     weights: Optional[list] = F(None, "One weight per function (null = all 1.0); the score is the weighted sum.")
     failed_reward: float = F(0.0, "Score given to a sample whose reward function raised or returned None "
                              "(counted in reward/failed).")
+    on_failure: str = F("score", "A sample whose reward failed: `score` trains on it with failed_reward (TRL, "
+                        "OpenRLHF); `drop` leaves it out of the loss and of its group's statistics.",
+                        choices=("score", "drop"))
 
 
 @dataclass
@@ -90,20 +105,26 @@ class AlgorithmConfig:
     clip_range: float = F(0.2, "PPO ratio clip epsilon (Schulman 2017).", lo=0.0, hi=10.0)
     clip_range_high: Optional[float] = F(None, "Upper clip epsilon; null = clip_range. DAPO uses 0.28.",
                                          lo=0.0, hi=10.0)
-    dual_clip: Optional[float] = F(None, "Dual-clip bound c > 1 for negative advantages (Ye 2020); null = off.",
-                                   lo=1.0)
+    dual_clip: Optional[float] = F(None, "Dual-clip bound c > 1 for negative advantages (Ye 2020); null = off.")
     entropy_coef: float = F(0.0, "Entropy bonus weight (subtracted from the loss).", lo=0.0)
     kl_coef: float = F(0.0, "Weight of the KL to the frozen reference; 0 = no reference model is run.", lo=0.0)
-    kl_estimator: str = F("k3", "KL estimator (Schulman's k1/k2/k3 approximations).", choices=("k1", "k2", "k3"))
+    kl_estimator: str = F("k3", "KL estimator (Schulman's approximations). In the reward: k1 (unbiased) or k3. In "
+                          "the loss: k2 (its gradient is that of KL(pi||ref)), k3 (gradient of KL(ref||pi), GRPO), or "
+                          "k3+ (k3's value, k2's gradient, verl); k1 in the loss has zero expected gradient and is "
+                          "refused.", choices=("k1", "k2", "k3", "k3+"))
     kl_in_reward: bool = F(False, "True: subtract kl_coef*KL from the per-token reward (InstructGPT, OpenRLHF); "
                            "False: add kl_coef*KL to the loss (GRPO).")
+    old_logprobs: str = F("auto", "pi_old of the importance ratio: `sampler` = the generators' log-probs; `learner` = "
+                          "one no-grad learner forward before the update (verl, OpenRLHF), so the first ratio is "
+                          "exactly 1 in any dtype; `auto` = learner when model.dtype is not float32, else sampler.",
+                          choices=("auto", "sampler", "learner"))
     gamma: float = F(1.0, "Discount for gae / reinforce_pp.", lo=0.0, hi=1.0)
     lam: float = F(0.95, "GAE lambda.", lo=0.0, hi=1.0)
     scale_by_std: bool = F(True, "GRPO: divide group-centred scores by the group std.")
     value_clip: Optional[float] = F(0.2, "Critic value clip around the rollout-time values; null = off.", lo=0.0)
     value_coef: float = F(0.5, "Weight of the value loss for a `shared` critic.", lo=0.0)
     loss_agg: str = F("token-mean", "How token losses are averaged: token-mean (DAPO/TRL), seq-mean-token-mean "
-                      "(GRPO paper), seq-mean-token-sum-norm (Dr.GRPO).",
+                      "(GRPO paper), seq-mean-token-sum-norm (Dr.GRPO: token sums / rollout.max_new_tokens).",
                       choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
 
 
@@ -116,7 +137,13 @@ class LearnerConfig:
     epochs: int = F(1, "Passes over each rollout batch (PPO epochs).", lo=1)
     minibatch_size: int = F(512, "Sequences per optimizer step; the step's N sequences are split into "
                             "ceil(N / minibatch_size) minibatches per epoch.", lo=1)
-    max_grad_norm: float = F(1.0, "Gradient clipping by global norm; 0 = off.", lo=0.0)
+    max_grad_norm: float = F(1.0, "Gradient clipping by global norm; 0 = off. A non-finite norm skips that "
+                             "optimizer step (counted in optim/skipped_steps).", lo=0.0)
+    micro_batch_tokens: int = F(0, "Token budget of one forward/backward pass: a learner's share of a minibatch "
+                                "is split into micro-batches of at most this many tokens (rows x padded length) "
+                                "and their gradients accumulated, exactly; 0 = one pass.", lo=0)
+    gradient_checkpointing: bool = F(False, "Recompute activations in the backward pass (less memory, ~30% more "
+                                     "compute).")
 
 
 @dataclass
@@ -173,6 +200,8 @@ class TrackingConfig:
                                     "directory.")
     experiment: str = F("rlpipe", "MLflow experiment name.")
     run_name: Optional[str] = F(None, "MLflow run name; null = the output directory's name.")
+    parent_run_id: Optional[str] = F(None, "MLflow run to nest this run under (a sweep sets it to its parent run); "
+                                     "null = a top-level run.")
     plot: bool = F(True, "Write reward/accuracy curves as a PNG at the end.")
 
 
@@ -335,28 +364,27 @@ def validate(cfg: RunConfig) -> RunConfig:
                           f"{len(cfg.reward.functions)} functions; give one per function or null")
     if not cfg.reward.functions:
         raise ConfigError("reward.functions: empty; give at least one reward function name")
-    group_estimators = {"grpo", "dr_grpo", "rloo"}
-    if cfg.algorithm.name in group_estimators and cfg.rollout.samples_per_prompt < 2:
+    if ADVANTAGE_ESTIMATORS.meta(cfg.algorithm.name).get("needs_groups") and cfg.rollout.samples_per_prompt < 2:
         raise ConfigError(f"rollout.samples_per_prompt: {cfg.algorithm.name} compares samples within a group; "
                           "use 2 or more")
+    a = cfg.algorithm
+    if a.dual_clip is not None and a.dual_clip <= 1.0:
+        raise ConfigError(f"algorithm.dual_clip: {a.dual_clip} must be > 1 (it bounds the loss at c * |A| for "
+                          "negative advantages); use e.g. 3.0, or null to turn it off")
+    if a.kl_coef > 0 and not a.kl_in_reward and a.kl_estimator == "k1":
+        raise ConfigError("algorithm.kl_estimator: k1 as a loss term has zero expected gradient (E[grad log pi] = 0), "
+                          "so it would not regularise anything; in the loss use k2 (gradient of KL(pi||ref)), k3 or "
+                          "k3+, or set algorithm.kl_in_reward=true to use k1 in the reward")
     if cfg.learner.minibatch_size < cfg.resources.learners:
         raise ConfigError(f"learner.minibatch_size: {cfg.learner.minibatch_size} sequences cannot be split over "
                           f"resources.learners={cfg.resources.learners} learners; use at least one per learner")
     return cfg
 
 
-def flat_dict(cfg: RunConfig) -> dict[str, Any]:
-    out = {}
-
-    def walk(d: dict, prefix: str) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                out[f"{prefix}{k}"] = v
-
-    walk(cfg.to_dict(), "")
-    return out
+def learner_old_logprobs(cfg: RunConfig) -> bool:
+    """Whether pi_old comes from a learner forward (True) or from the sampler (`algorithm.old_logprobs`)."""
+    mode = cfg.algorithm.old_logprobs
+    return mode == "learner" or (mode == "auto" and cfg.model.dtype != "float32")
 
 
 def config_reference_markdown() -> str:

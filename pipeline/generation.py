@@ -1,55 +1,178 @@
-"""Generation backends: the small interface a rollout worker samples through.
+"""Generation backends: the small interface a rollout generator samples through, and transformers' one.
 
 `hf` wraps transformers `generate`. A faster engine (vLLM, SGLang, a CUDA-graph decoder) plugs in by
-registering a class with the same three methods.
+registering a class with the same methods; the generator never touches the model itself, so where the
+weights live (a torch module here, an engine's workers elsewhere) is the backend's business.
+
+On-policy sampling: what a model folder's `generation_config` carries (min_p, typical_p, epsilon/eta
+cutoffs, min_new_tokens, suppressed or forced tokens, repetition penalties, ...) would make the sampled
+tokens follow another distribution than the one whose log-probs we record, and no metric would show it.
+transformers merges such fields into ANY generation config passed to `generate` (every field left at its
+default takes the model's value), so the backend replaces the model's own `generation_config` with a clean
+one holding only the special-token ids, and passes every sampling setting explicitly.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Optional, Protocol
 
 import torch
 
+from pipeline.prompts import PromptFormat
 from pipeline.registry import Registry
 
 
 class GenerationBackend(Protocol):
-    def sample(self, prompts: list[str], *, max_new_tokens: int, temperature: float, top_p: float,
+    def sample(self, prompts: list, *, max_new_tokens: int, temperature: float, top_p: float,
                top_k: int, seed: int) -> dict:
-        """prompt_ids (n,P), prompt_mask, completion_ids (n,T), completion_mask, logprobs (n,T), completions."""
+        """prompt_ids (n,P), prompt_mask, completion_ids (n,T), completion_mask, logprobs (n,T) float32 of
+        the sampled tokens under the untruncated policy at `temperature`, completions (decoded text),
+        prompt_texts (what the model was prompted with, after any chat template)."""
 
-    def greedy(self, prompts: list[str], *, max_new_tokens: int) -> list[str]:
+    def greedy(self, prompts: list, *, max_new_tokens: int) -> list[str]:
         """Greedy completions as text (evaluation)."""
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Replace the policy weights in place."""
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights the backend actually holds (read back for the checksum, never what was sent)."""
+
 
 GENERATION_BACKENDS: Registry[type] = Registry("generation backend")
 
 
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a completion: the model's generation_config (chat models list several, e.g. the
+    end-of-text and the end-of-turn token), else the tokenizer's EOS."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def neutral_generation_config(model, tokenizer):
+    """A generation config with the special-token ids and nothing else (see the module docstring)."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(eos_token_id=eos_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
+                            bos_token_id=tokenizer.bos_token_id)
+
+
+def decode_completions(tokenizer, completion_ids: torch.Tensor) -> list[str]:
+    """Completion text of exactly the tokens trained on: special tokens dropped, and no
+    `clean_up_tokenization_spaces` ("a , b ." stays as generated; GPT-2/BERT-era tokenizers ship the
+    clean-up on, and a reward would then judge text the model did not write)."""
+    return tokenizer.batch_decode(completion_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+class SampledTokenLogprobs:
+    """A logits processor that records log softmax(raw logits / T) of each sampled token while `generate`
+    runs, keeping one (n, V) step at a time instead of the (n, T, V) logits `output_logits` would hold.
+
+    transformers runs processors given to `generate` before its temperature / top-k / top-p warpers, so
+    the scores seen here are the raw ones: the recorded log-probs are the untruncated policy's, the same
+    quantity `completion_forward` computes. Step t's distribution is kept until step t+1 shows which token
+    was sampled from it; `finish` takes the last one.
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.previous: Optional[torch.Tensor] = None     # (n, V) log-probs of the step before
+        self.steps: list[torch.Tensor] = []               # T x (n,)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, sequences: torch.Tensor, generated: int) -> torch.Tensor:
+        """(n, generated) float32 log-probs of the generated tokens."""
+        if generated and self.previous is not None and len(self.steps) < generated:
+            self.steps.append(self.previous.gather(-1, sequences[:, -1:]).squeeze(-1))
+        if not self.steps:
+            return torch.zeros(sequences.shape[0], 0, device=sequences.device)
+        return torch.stack(self.steps[:generated], dim=1)
+
+
+@torch.no_grad()
+def sample_completions(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float = 1.0,
+                       top_p: float = 1.0, top_k: int = 0, do_sample: bool = True,
+                       generator_seed: Optional[int] = None, prompt_format: Optional[PromptFormat] = None) -> dict:
+    """Generate one completion per prompt with HF `generate` (the HF rollout backend).
+
+    `model.generation_config` should be neutral (`neutral_generation_config`); the backend sets it once.
+    Returns prompt_ids, prompt_mask (n, P); completion_ids, completion_mask (n, T) where T is the longest
+    completion, the mask covers generated tokens up to and including EOS, and later tokens are pad;
+    logprobs (n, T) float32 = log softmax(raw logits / temperature) of the sampled tokens (with top_p < 1 or
+    top_k > 0 the sampler truncated that distribution: these are the untruncated policy's log-probs; zeros
+    for greedy); completions: decoded text; prompt_texts: the prompts after any chat template.
+    """
+    from transformers import LogitsProcessorList
+
+    device = next(model.parameters()).device
+    prompt_format = prompt_format or PromptFormat(tokenizer)
+    prompt_ids, prompt_mask, prompt_texts = prompt_format.encode(prompts)
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    eos_ids = eos_token_ids(model, tokenizer)
+    recorder = SampledTokenLogprobs(temperature) if do_sample else None
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if generator_seed is not None:
+            torch.manual_seed(generator_seed)
+        sequences = model.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask.long(), max_new_tokens=max_new_tokens,
+            do_sample=do_sample, use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids,
+            logits_processor=LogitsProcessorList([recorder] if recorder else []), **sampling)
+    model.train(was_training)
+    completion_ids = sequences[:, prompt_ids.shape[1]:]                          # (n, T)
+    # Mask: tokens up to and including the first EOS. `before_eos` counts EOS tokens strictly before t.
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=device))
+    before_eos = is_eos.long().cumsum(-1) - is_eos.long()
+    completion_mask = before_eos == 0
+    T = int(completion_mask.sum(-1).max().item()) if completion_mask.numel() else 0
+    completion_mask = completion_mask[:, :T]
+    completion_ids = completion_ids[:, :T].masked_fill(~completion_mask, tokenizer.pad_token_id)
+    if recorder is not None:
+        logprobs = recorder.finish(sequences, sequences.shape[1] - prompt_ids.shape[1])[:, :T]
+        logprobs = logprobs.masked_fill(~completion_mask, 0.0)
+    else:
+        logprobs = torch.zeros(completion_ids.shape, dtype=torch.float32, device=device)
+    return {
+        "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids, "completion_mask": completion_mask, "logprobs": logprobs,
+        "completions": decode_completions(tokenizer, completion_ids),
+        "prompt_texts": prompt_texts,
+    }
+
+
 @GENERATION_BACKENDS.register("hf")
 class HFGenerateBackend:
-    """transformers `generate` with a KV cache; log-probs from the raw logits at the sampling temperature."""
+    """transformers `generate` with a KV cache on a torch module the backend owns."""
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, prompt_format: Optional[PromptFormat] = None):
         self.model = model
         self.tokenizer = tokenizer
+        self.prompt_format = prompt_format or PromptFormat(tokenizer)
+        self.model.generation_config = neutral_generation_config(model, tokenizer)
 
-    @torch.no_grad()
     def sample(self, prompts, *, max_new_tokens, temperature, top_p, top_k, seed):
-        from pipeline.models import sample_completions
-
         return sample_completions(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
                                   temperature=temperature, top_p=top_p, top_k=top_k, do_sample=True,
-                                  generator_seed=seed)
+                                  generator_seed=seed, prompt_format=self.prompt_format)
 
-    @torch.no_grad()
-    def greedy(self, prompts, *, max_new_tokens):
-        from pipeline.models import sample_completions
-
-        out = sample_completions(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                 do_sample=False)
-        return out["completions"]
+    def greedy(self, prompts, *, max_new_tokens, batch_size: int = 250):
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            out += sample_completions(self.model, self.tokenizer, list(prompts[start:start + batch_size]),
+                                      max_new_tokens=max_new_tokens, do_sample=False,
+                                      prompt_format=self.prompt_format)["completions"]
+        return out
 
     def load_state_dict(self, state):
         self.model.load_state_dict(state)
+
+    def state_dict(self):
+        return self.model.state_dict()

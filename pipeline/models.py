@@ -1,12 +1,12 @@
-"""Models: the demo's character tokenizer and tiny Llama, loading any HF causal LM, the critic, and
-the two forward paths every stage shares (scoring completions, sampling them).
+"""Models: loading any Hugging Face causal LM ready for RL, the value model, and the forward path every
+stage shares to score completions.
 
 Shapes follow `pipeline.batch`: n sequences, P prompt tokens (left-padded), T completion tokens
 (right-padded), V vocabulary entries, H hidden size.
 
-`completion_forward` is the single definition of "the log-prob of a completion": the learner, the
-reference model and the tests all go through it, and `sample_completions` records generation-time
-log-probs from the same raw logits, so the importance ratio pi/pi_old starts at exactly 1.
+`completion_forward` is the single definition of "the log-prob of a completion" on the training side: the
+learner, the reference model, supervised fine-tuning and the tests all go through it (the samplers in
+`pipeline.generation` record the same quantity, log softmax(raw logits / temperature), while sampling).
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from pipeline.algorithms.core import entropy_from_logits, logprobs_from_logits
 from pipeline.errors import UserInputError
 
-SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")  # ids 0..3, in this order
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -27,79 +27,20 @@ class ModelLoadError(UserInputError):
     """A model or tokenizer path that cannot be loaded; the message names the path and the fix."""
 
 
-# ----------------------------------------------------------------------------- demo tokenizer / model
-
-def build_char_tokenizer(chars: str = "0123456789+-*= "):
-    """A one-token-per-character tokenizer (`PreTrainedTokenizerFast`).
-
-    Vocabulary: <pad>=0, <bos>=1, <eos>=2, <unk>=3, then `chars` in order. Encoding with special tokens
-    prepends <bos>; decoding joins tokens with "" so "123+456=" round-trips exactly.
-    """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    if len(set(chars)) != len(chars):
-        raise ValueError(f"tokenizer characters must be unique, got {chars!r}")
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    vocab.update({c: len(SPECIAL_TOKENS) + i for i, c in enumerate(chars)})
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # every char is a word
-    tok.decoder = decoders.Fuse()  # WordLevel's default would join words with spaces
-    tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
-        unk_token="<unk>", padding_side="left", clean_up_tokenization_spaces=False,
-    )
-
-
-def build_tiny_model(out_dir, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4,
-                     intermediate_size: int = 344, max_positions: int = 64, seed: int = 0,
-                     chars: str = "0123456789+-*= ") -> str:
-    """Save a randomly initialised Llama plus the character tokenizer as an HF folder; return its path.
-
-    Llama (not Qwen2) on purpose: a Qwen2 config makes `AutoTokenizer` load a Qwen2 tokenizer class
-    that drops spaces (FACTS.md). Defaults give ~0.8 M parameters.
-    """
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = build_char_tokenizer(chars)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
-        num_attention_heads=num_heads, num_key_value_heads=num_heads,
-        intermediate_size=intermediate_size, max_position_embeddings=max_positions,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return str(out)
+_FIX = ("Pass a local folder made by save_pretrained (with config.json and tokenizer files) or a cached hub "
+        "name, or build the demo model with `rlpipe warmstart`.")
 
 
 # ----------------------------------------------------------------------------- loading
 
-def _check_model_path(path) -> str:
+def check_model_path(path, what: str = "model") -> str:
+    """A local folder must exist and hold config.json; anything else is taken as a hub name. -> the path."""
     path = str(path)
     local = Path(path).expanduser()
-    if path.startswith(("/", "./", "../", "~")) and not local.exists():
-        raise ModelLoadError(
-            f"{path} does not exist. Pass a folder made by save_pretrained, or build the demo model "
-            "with `rlpipe warmstart`."
-        )
+    if not local.exists() and (path.startswith(("/", "./", "../", "~")) or path.count("/") > 1):
+        raise ModelLoadError(f"{what} {path!r} does not exist. {_FIX}")
     if local.is_dir() and not (local / "config.json").is_file():
-        raise ModelLoadError(
-            f"{path} is not a Hugging Face model folder (no config.json). Pass a folder made by "
-            "save_pretrained, or build the demo model with `rlpipe warmstart`."
-        )
+        raise ModelLoadError(f"{what} {path!r} is not a Hugging Face model folder (no config.json). {_FIX}")
     return str(local) if local.is_dir() else path
 
 
@@ -107,18 +48,65 @@ def _load_error(what: str, path: str, err: Exception) -> ModelLoadError:
     first_line = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
     offline = " (offline mode: only local folders or cached hub names work)" \
         if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
-    return ModelLoadError(
-        f"could not load the {what} from {path!r}{offline}: {first_line}. Pass a local folder made by "
-        "save_pretrained (with config.json and tokenizer files), a cached hub name, or build the demo "
-        "model with `rlpipe warmstart`."
-    )
+    return ModelLoadError(f"could not load the {what} from {path!r}{offline}: {first_line}. {_FIX}")
+
+
+def load_model_config(path, what: str = "model"):
+    """`AutoConfig` for `path`, or one ModelLoadError naming the path and the fix."""
+    from transformers import AutoConfig
+
+    path = check_model_path(path, what)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as err:  # transformers raises OSError/ValueError/KeyError for the many ways this fails
+        raise _load_error(f"{what} config", path, err) from None
+    return config
+
+
+def zero_dropout(config) -> dict[str, float]:
+    """Set every float dropout probability of an HF config (and of its sub-configs) to 0.
+    -> {dotted field: its value before}, so that an exported model can ship the values it came with.
+
+    RL compares log-probs of two forwards (sampler and learner, learner before and after): with dropout on,
+    the importance ratio is not 1 at lr 0 and rollout-time values are noisy. GPT-2 (`*_pdrop`), Phi
+    (`resid_pdrop`), BERT (`*_dropout_prob`) and some Llama fine-tunes (`attention_dropout`) ship dropout.
+    OpenRLHF and verl zero it the same way, before the model is built.
+    """
+    from transformers import PretrainedConfig
+
+    changed: dict[str, float] = {}
+    for name, value in list(vars(config).items()):
+        if isinstance(value, PretrainedConfig):
+            changed.update({f"{name}.{n}": v for n, v in zero_dropout(value).items()})
+        elif isinstance(value, float) and value > 0 and ("dropout" in name or "pdrop" in name):
+            setattr(config, name, 0.0)
+            changed[name] = value
+    return changed
+
+
+def set_config_values(config, values: dict) -> None:
+    """Set dotted config fields (as `zero_dropout` reports them), e.g. to put the original dropout back."""
+    for dotted, value in values.items():
+        *parents, name = dotted.split(".")
+        target = config
+        for p in parents:
+            target = getattr(target, p)
+        setattr(target, name, value)
+
+
+def _no_dropout_modules(model: nn.Module) -> nn.Module:
+    """Dropout modules a model builds with a hard-coded p (not from its config) get p = 0 too."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return model
 
 
 def load_tokenizer(path):
     """`AutoTokenizer` for `path`, left-padded (prompts are left-padded for generation), with a pad token."""
     from transformers import AutoTokenizer
 
-    path = _check_model_path(path)
+    path = check_model_path(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as err:  # HF raises OSError, ValueError, HFValidationError, ... for bad paths
@@ -129,43 +117,85 @@ def load_tokenizer(path):
     return tokenizer
 
 
-def resolve_device(device: str = "cpu") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def load_causal_lm(path, dtype: str = "float32", device: str = "cpu"):
-    """`AutoModelForCausalLM` for `path` in `dtype` ("float32" | "bfloat16" | "float16") on `device`
-    ("cpu", "cuda", "cuda:1", or "auto" = cuda when available)."""
+def load_causal_lm(path, dtype: str = "float32", device: str = "cpu", disable_dropout: bool = True):
+    """`AutoModelForCausalLM` for `path` with weights in `dtype` ("float32" | "bfloat16" | "float16") on
+    `device`; dropout off unless `disable_dropout=False` (see `zero_dropout`)."""
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
-    path = _check_model_path(path)
+    config = load_model_config(path, "causal LM")
+    zeroed = zero_dropout(config) if disable_dropout else {}
+    path = check_model_path(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=DTYPES[dtype])
     except Exception as err:
         raise _load_error("causal LM", path, err) from None
-    return model.to(resolve_device(device))
+    if disable_dropout:
+        _no_dropout_modules(model)
+    model.zeroed_dropout = zeroed      # what `save_hf_model` writes back: training's switch stays ours
+    return model.to(device)
 
 
-class CriticModel(nn.Module):
-    """A separate value model: the base transformer (no LM head) plus a zero-initialised linear value
-    head, so V(s) starts at 0 for every state and early advantages equal the returns."""
+def enable_activation_checkpointing(model) -> None:
+    """HF (non-reentrant) activation checkpointing: layers recompute their activations in backward.
+    transformers 5 names it `activation_checkpointing_enable`; 4.x `gradient_checkpointing_enable`."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support activation (gradient) checkpointing")
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    def __init__(self, path, dtype: str = "float32"):
+
+def activation_checkpointing_on(model) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def values_from_hidden(value_head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """(n, L, H) hidden states (any dtype) -> (n, L) float32 values from a float32 linear head.
+
+    Outside autocast on purpose: a value head regresses returns, and a bf16 head (or a bf16 hidden state
+    fed to an fp32 head) either loses precision or fails on the dtype mismatch.
+    """
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        return value_head(hidden.float()).squeeze(-1)
+
+
+def new_value_head(hidden_size: int) -> nn.Linear:
+    """A zero-initialised float32 value head: V(s) starts at 0, so early advantages equal the returns."""
+    head = nn.Linear(hidden_size, 1, dtype=torch.float32)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+class ValueModel(nn.Module):
+    """A transformer trunk (no LM head) with a float32 linear value head: PPO's separate critic (and the
+    shape a learned reward model takes)."""
+
+    def __init__(self, path, dtype: str = "float32", disable_dropout: bool = True):
         super().__init__()
         from transformers import AutoModel
 
-        path = _check_model_path(path)
+        config = load_model_config(path, "value model backbone")
+        zeroed = zero_dropout(config) if disable_dropout else {}
+        path = check_model_path(path)
         try:
-            self.backbone = AutoModel.from_pretrained(path, dtype=DTYPES[dtype])
+            self.backbone = AutoModel.from_pretrained(path, config=config, dtype=DTYPES[dtype])
         except Exception as err:
-            raise _load_error("critic backbone", path, err) from None
-        self.value_head = nn.Linear(self.backbone.config.hidden_size, 1, dtype=DTYPES[dtype])
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
+            raise _load_error("value model backbone", path, err) from None
+        if disable_dropout:
+            _no_dropout_modules(self.backbone)
+        self.backbone.zeroed_dropout = zeroed
+        self.value_head = new_value_head(self.backbone.config.get_text_config().hidden_size)
+
+    @property
+    def supports_gradient_checkpointing(self) -> bool:
+        return getattr(self.backbone, "supports_gradient_checkpointing", False)
+
+    def activation_checkpointing_enable(self, kwargs=None) -> None:
+        enable_activation_checkpointing(self.backbone)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -174,10 +204,10 @@ class CriticModel(nn.Module):
             position_ids = left_padded_positions(attention_mask)
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids).last_hidden_state  # (n, L, H)
-        return self.value_head(hidden).squeeze(-1).float()
+        return values_from_hidden(self.value_head, hidden)
 
 
-# ----------------------------------------------------------------------------- forward paths
+# ----------------------------------------------------------------------------- the forward path
 
 def left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """(n, L) mask -> (n, L) long position ids that start at 0 on each row's first real token."""
@@ -186,105 +216,44 @@ def left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def completion_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                        completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-                       temperature: float = 1.0, want_entropy: bool = False,
+                       temperature: float = 1.0, want_entropy: bool = False, entropy_grad: bool = False,
                        want_hidden: bool = False) -> dict:
     """Score completions under `model` with one forward pass over cat(prompt, completion).
 
     prompt_ids, prompt_mask: (n, P), left-padded; completion_ids, completion_mask: (n, T), right-padded.
     Returns {"logprobs": (n, T) float32 log softmax(logits / temperature) at the completion ids,
-             "entropy": (n, T) float32 (if want_entropy), "hidden": (n, T, H) last hidden state at the
+             "entropy": (n, T) float32 (if want_entropy; differentiable only with entropy_grad, which keeps
+             an (n, T, V) softmax for the backward pass), "hidden": (n, T, H) last hidden state at the
              position that predicts each completion token (if want_hidden; input for a value head)}.
-    Values at masked positions are meaningless but finite.
+    Values at masked positions are meaningless but finite, also where the model gives a token -inf.
     """
     P, T = prompt_ids.shape[1], completion_ids.shape[1]
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)                   # (n, P+T)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).long()     # (n, P+T)
-    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask,
-                  position_ids=left_padded_positions(attention_mask),
-                  output_hidden_states=want_hidden, use_cache=False)
     # Logits at positions P-1 .. P+T-2 predict completion tokens 0 .. T-1. Asking the model for only the
     # last T+1 positions spares the (n, P, V) prompt logits; the very last position is dropped below.
-    kwargs["logits_to_keep"] = T + 1
-    out = model(**kwargs)
-    logits = out.logits[:, -(T + 1):-1].float() / temperature                    # (n, T, V)
-    # log_softmax gathered at one id = logit - logsumexp: never materialises a second (n, T, V) tensor.
-    log_norm = torch.logsumexp(logits, dim=-1)                                   # (n, T)
-    picked = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)         # (n, T)
-    result = {"logprobs": picked - log_norm}
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=left_padded_positions(attention_mask),
+                output_hidden_states=want_hidden, use_cache=False, logits_to_keep=T + 1)
+    logits = out.logits[:, -(T + 1):-1]                                          # (n, T, V)
+    result = {"logprobs": logprobs_from_logits(logits, completion_ids, temperature)}
     if want_entropy:
-        probs = torch.softmax(logits, dim=-1)
-        result["entropy"] = log_norm - (probs * logits).sum(-1)                  # H = logZ - E[logit]
+        if entropy_grad:
+            result["entropy"] = entropy_from_logits(logits, temperature)
+        else:                    # a metric only: no (n, T, V) softmax is kept for a backward pass
+            with torch.no_grad():
+                detached = logits.detach()
+                if detached.dtype == torch.float32:
+                    result["entropy"] = entropy_from_logits(detached, temperature)
+                else:            # half precision: upcast one sequence at a time, never the whole batch
+                    result["entropy"] = torch.stack([entropy_from_logits(row, temperature) for row in detached])
     if want_hidden:
         result["hidden"] = out.hidden_states[-1][:, P - 1:P + T - 1]             # (n, T, H)
     return result
 
 
-def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenise prompts exactly as generation sees them: special tokens added (e.g. <bos>), left-padded.
-    Returns prompt_ids (n, P) long and prompt_mask (n, P) bool."""
-    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
-    return enc["input_ids"], enc["attention_mask"].bool()
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    return [eos] if isinstance(eos, int) else list(eos)
-
-
-@torch.no_grad()
-def sample_completions(model, tokenizer, prompts: list[str], max_new_tokens: int,
-                       temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                       do_sample: bool = True, generator_seed: Optional[int] = None) -> dict:
-    """Generate one completion per prompt with HF `generate` (the HF rollout backend).
-
-    Returns prompt_ids, prompt_mask (n, P); completion_ids, completion_mask (n, T) where T is the longest
-    completion, the mask covers generated tokens up to and including EOS, and later tokens are pad;
-    logprobs (n, T) float32 = log softmax(raw logits / temperature) of the sampled tokens (the same
-    quantity `completion_forward` computes; with top_p < 1 or top_k > 0 the sampler truncated that
-    distribution, so these are the untruncated policy's log-probs); completions: decoded text.
-    """
-    device = next(model.parameters()).device
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts)
-    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-    eos_ids = _eos_ids(model, tokenizer)
-    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}
-    was_training = model.training
-    model.eval()
-    # A model folder's generation_config may carry extra processors (repetition penalty, ...) that
-    # would make sampled tokens follow a different distribution from the one we record; neutralise them.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        if generator_seed is not None:
-            torch.manual_seed(generator_seed)
-        out = model.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask.long(), max_new_tokens=max_new_tokens,
-            do_sample=do_sample, use_cache=True, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=eos_ids, repetition_penalty=1.0, no_repeat_ngram_size=0,
-            return_dict_in_generate=True, output_logits=True, **sampling,
-        )
-    model.train(was_training)
-    completion_ids = out.sequences[:, prompt_ids.shape[1]:]                      # (n, T)
-    logits = torch.stack(out.logits, dim=1).float() / temperature                # (n, T, V)
-    logprobs = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-    # Mask: tokens up to and including the first EOS. `before_eos` counts EOS tokens strictly before t.
-    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=device))
-    before_eos = is_eos.long().cumsum(-1) - is_eos.long()
-    completion_mask = before_eos == 0
-    T = int(completion_mask.sum(-1).max().item()) if completion_mask.numel() else 0
-    completion_mask = completion_mask[:, :T]
-    completion_ids = completion_ids[:, :T].masked_fill(~completion_mask, tokenizer.pad_token_id)
-    logprobs = logprobs[:, :T].masked_fill(~completion_mask, 0.0)
-    return {
-        "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
-        "completion_ids": completion_ids, "completion_mask": completion_mask,
-        "logprobs": logprobs,
-        "completions": tokenizer.batch_decode(completion_ids, skip_special_tokens=True),
-    }
-
-
 __all__ = [
-    "ModelLoadError", "CriticModel", "build_char_tokenizer", "build_tiny_model", "load_tokenizer",
-    "load_causal_lm", "resolve_device", "left_padded_positions", "completion_forward",
-    "encode_prompts", "sample_completions",
+    "DTYPES", "ModelLoadError", "ValueModel", "check_model_path", "load_model_config", "zero_dropout",
+    "load_tokenizer", "load_causal_lm", "values_from_hidden", "new_value_head", "left_padded_positions",
+    "completion_forward",
 ]

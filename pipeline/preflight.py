@@ -1,37 +1,14 @@
-"""Checks run before a run directory exists, so that bad input writes no half-made run.
+"""Checks run before a run directory exists or any actor starts, so that bad input writes no half-made run.
 
-Each failure is one `InputError` naming the thing (field, file, column, module) and the fix.
+Each failure is one `UserInputError` subclass naming the thing (field, file, row, column, module) and the
+fix: `ModelLoadError` (model or critic path), `DataError` (prompt files), `RewardLoadError` (reward
+functions), `PromptError` (a prompt the tokenizer cannot render, or one that does not fit the model).
 """
 from __future__ import annotations
 
 import inspect
-import os
 
 from pipeline.config import RunConfig
-from pipeline.errors import UserInputError
-
-
-class InputError(UserInputError):
-    """Bad user input found before the run started."""
-
-
-def check_model_path(path: str) -> None:
-    from pipeline.models import ModelLoadError
-
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
-        raise ModelLoadError(f"model.path {path!r} is not a Hugging Face model folder (no config.json); pass a "
-                             "folder written by save_pretrained, or build the demo model with `rlpipe warmstart`")
-    if not os.path.exists(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
-        raise ModelLoadError(f"model.path {path!r} does not exist; pass a model folder or a hub name "
-                             "(`rlpipe warmstart` builds the demo model at runs/demo/warm)")
-    from transformers import AutoConfig
-
-    try:
-        AutoConfig.from_pretrained(path)
-    except Exception as err:  # transformers raises OSError/ValueError/KeyError for the many ways this fails
-        raise ModelLoadError(f"model.path {path!r} cannot be loaded as a Hugging Face model ({type(err).__name__}:"
-                             f" {str(err).splitlines()[0]}); pass a local model folder (no downloads happen "
-                             "offline)") from None
 
 
 def required_columns(reward_fns: list) -> set[str]:
@@ -45,18 +22,62 @@ def required_columns(reward_fns: list) -> set[str]:
     return needed
 
 
-def preflight(cfg: RunConfig):
-    """Validate model, data and reward functions. Returns (train table, eval table or None, composer)."""
+def check_prompt_lengths(cfg: RunConfig, train, evaluation, log=print):
+    """Tokenise every prompt as generation will (chat template included) and refuse one that, with the
+    completion budget, runs past the model's positions: a rotary model would run silently beyond its
+    trained range, a learned-position model would crash mid-run. With `data.max_prompt_tokens`, longer
+    training prompts are dropped first. -> (train, evaluation) tables, filtered."""
+    from pipeline.models import load_model_config, load_tokenizer
+    from pipeline.prompts import PromptError, PromptFormat, max_positions
+
+    d, r = cfg.data, cfg.rollout
+    prompt_format = PromptFormat(load_tokenizer(cfg.model.path), d.chat_template)
+    positions = max_positions(load_model_config(cfg.model.path))
+    train_lengths = prompt_format.lengths(train.column(d.prompt_column).to_pylist())
+    if d.max_prompt_tokens is not None:
+        keep = [i for i, n in enumerate(train_lengths) if n <= d.max_prompt_tokens]
+        if not keep:
+            raise PromptError(f"data.max_prompt_tokens={d.max_prompt_tokens} drops every prompt of {d.train_path} "
+                              f"(shortest: {min(train_lengths)} tokens); raise it")
+        if len(keep) < len(train_lengths):
+            log(f"data.max_prompt_tokens={d.max_prompt_tokens}: dropped {len(train_lengths) - len(keep)} of "
+                f"{len(train_lengths)} training prompts")
+            train = train.take(keep)
+            train_lengths = [train_lengths[i] for i in keep]
+    checks = [("data.train_path", d.train_path, train_lengths, r.max_new_tokens, "rollout.max_new_tokens")]
+    if evaluation is not None:
+        eval_lengths = prompt_format.lengths(evaluation.column(d.prompt_column).to_pylist())
+        checks.append(("data.eval_path", d.eval_path, eval_lengths, r.eval_max_new_tokens or r.max_new_tokens,
+                       "rollout.eval_max_new_tokens" if r.eval_max_new_tokens else "rollout.max_new_tokens"))
+    for field, path, lengths, new_tokens, budget_field in checks:
+        if positions is None or not lengths:
+            continue
+        row = max(range(len(lengths)), key=lengths.__getitem__)
+        if lengths[row] + new_tokens > positions:
+            raise PromptError(
+                f"{field} {path}: row {row} has a prompt of {lengths[row]} tokens; with {budget_field}="
+                f"{new_tokens} that is {lengths[row] + new_tokens} positions, but the model has {positions}. "
+                f"Shorten the prompts, lower {budget_field}, or set data.max_prompt_tokens="
+                f"{max(1, positions - new_tokens)} to drop longer training prompts")
+    return train, evaluation
+
+
+def preflight(cfg: RunConfig, log=print):
+    """Validate model, data, prompts and reward functions. Returns (train table, eval table or None,
+    composer); the tables are what the run trains and evaluates on (after any `data.max_prompt_tokens`)."""
     from pipeline.data import read_prompt_table
+    from pipeline.models import load_model_config
     from pipeline.rewards import RewardComposer
 
-    check_model_path(cfg.model.path)
+    load_model_config(cfg.model.path, "model.path")
     if cfg.model.critic_path:
-        check_model_path(cfg.model.critic_path)
+        load_model_config(cfg.model.critic_path, "model.critic_path")
     composer = RewardComposer(cfg.reward.functions, cfg.reward.weights, cfg.reward.failed_reward)
     columns = required_columns(composer.fns)
     train = read_prompt_table(cfg.data.train_path, (cfg.data.prompt_column, *sorted(columns)))
     evaluation = None
     if cfg.data.eval_path:
         evaluation = read_prompt_table(cfg.data.eval_path, (cfg.data.prompt_column, "answer"))
+        evaluation = evaluation.slice(0, cfg.data.eval_size)
+    train, evaluation = check_prompt_lengths(cfg, train, evaluation, log)
     return train, evaluation, composer

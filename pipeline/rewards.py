@@ -98,7 +98,25 @@ def resolve_reward_fn(spec: str) -> RewardFn:
 class ScoredShard:
     scores: list[float]        # (n,) weighted sum; failed samples get failed_reward
     failed: list[bool]         # (n,) some function raised or returned None/NaN for this sample
-    per_function: dict         # name -> (n,) raw values (None where failed), for logging
+    per_function: dict         # name -> (n,) raw values (None where failed): logged as reward/fn/<name>
+
+
+def merge_scored_shards(n: int, shards: list[tuple[list[int], ScoredShard]]) -> ScoredShard:
+    """The step's N samples from scorer shards (sample indices, their scores), in sample order. Raises
+    unless every sample was scored exactly once (a lost or resent shard must neither drop nor double one)."""
+    seen = [0] * n
+    scores, failed = [0.0] * n, [False] * n
+    per_function: dict[str, list] = {}
+    for index, shard in shards:
+        for j, i in enumerate(index):
+            seen[i] += 1
+            scores[i], failed[i] = shard.scores[j], shard.failed[j]
+            for name, values in shard.per_function.items():
+                per_function.setdefault(name, [None] * n)[i] = values[j]
+    wrong = [i for i, count in enumerate(seen) if count != 1]
+    if wrong:
+        raise RuntimeError(f"samples {wrong[:10]} were scored {[seen[i] for i in wrong[:10]]} times; expected once each")
+    return ScoredShard(scores=scores, failed=failed, per_function=per_function)
 
 
 class RewardComposer:

@@ -199,10 +199,6 @@ class Tracker:
         """Log a dict as `<name>` (a `.yaml` suffix is added when missing)."""
         self.client.log_dict(self.run_id, d, name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
 
-    def log_dict_as_json(self, d: dict, name: str) -> None:
-        """Log a dict as `<name>` (a `.json` suffix is added when missing)."""
-        self.client.log_dict(self.run_id, d, name if name.endswith(".json") else f"{name}.json")
-
     def log_table(self, rows: "list[dict] | Any", name: str) -> None:
         """Log rows (a list of dicts or a `pyarrow.Table`) as `samples/<name>.parquet`."""
         import pyarrow as pa

@@ -1,8 +1,12 @@
 """Moving policy weights from the learner to the generators, with a version and a checksum.
 
-Tensors travel as numpy arrays: Ray serialises those zero-copy through its object store, about 3x
-faster than torch tensors (../shared/FACTS.md). bfloat16 has no numpy dtype, so such tensors travel as
-their int16 bit pattern and are viewed back on arrival.
+A packet holds the weights as the generators hold them (cast to their dtype by the engine), and the
+checksum is computed over exactly those bytes, so "the generator holds what the learner sent" is checked by
+comparing the checksum of what each generator reads back from its own model with the learner's.
+
+Tensors travel as numpy arrays: Ray serialises those zero-copy through its object store, about 3x faster
+than torch tensors. bfloat16 has no numpy dtype, so such tensors travel as their int16 bit pattern and are
+viewed back on arrival.
 """
 from __future__ import annotations
 
@@ -36,8 +40,7 @@ def checksum_arrays(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def pack_weights(model: torch.nn.Module, version: int) -> WeightsPacket:
-    state = model.state_dict()
+def pack_weights(state: dict[str, torch.Tensor], version: int) -> WeightsPacket:
     arrays = {k: _to_numpy(v) for k, v in state.items()}
     dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in state.items()}
     return WeightsPacket(version=version, arrays=arrays, dtypes=dtypes, checksum=checksum_arrays(arrays))
@@ -58,5 +61,6 @@ def unpack_weights(packet: WeightsPacket) -> dict[str, torch.Tensor]:
     return state
 
 
-def model_checksum(model: torch.nn.Module) -> str:
-    return checksum_arrays({k: _to_numpy(v) for k, v in model.state_dict().items()})
+def state_checksum(state: dict[str, torch.Tensor]) -> str:
+    """The checksum of a state dict's names and bytes (what `pack_weights` records)."""
+    return checksum_arrays({k: _to_numpy(v) for k, v in state.items()})

@@ -23,8 +23,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_task(tmp_path_factory):
     """A 2-digit addition task with a tiny (untrained) model folder: {"data": {...paths}, "model": path}."""
-    from pipeline.data import make_arithmetic_task
-    from pipeline.models import build_tiny_model
+    from pipeline.demo.task import make_arithmetic_task
+    from pipeline.small_models import build_tiny_model
 
     root = tmp_path_factory.mktemp("tiny")
     data = make_arithmetic_task(str(root / "data"), digits=2, n_labelled=200, n_rl=2000, n_eval=100, seed=0)
@@ -42,3 +42,24 @@ def ray_local():
              runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def bpe_task(tmp_path_factory):
+    """A model with a real hub model's settings (byte-level BPE, chat template, pad == eos, two EOS ids,
+    dropout 0.1, tied embeddings; GPT-2 with learned positions) and prompt files for it:
+    {"model": path, "train": parquet of prompt/answer, "chat": parquet whose prompt column holds messages}."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.small_models import build_bpe_model
+
+    root = tmp_path_factory.mktemp("bpe")
+    model = build_bpe_model(str(root / "model"), arch="gpt2", hidden_size=64, num_layers=2, num_heads=4,
+                            max_positions=64, dropout=0.1, seed=0)
+    pairs = [(a, b) for a in range(10, 40, 3) for b in range(5, 50, 7)]
+    pq.write_table(pa.table({"prompt": [f"{a}+{b}=" for a, b in pairs],
+                             "answer": [str(a + b) for a, b in pairs]}), root / "train.parquet")
+    messages = [[{"role": "system", "content": "Add."}, {"role": "user", "content": f"{a}+{b}="}] for a, b in pairs]
+    pq.write_table(pa.table({"prompt": messages, "answer": [str(a + b) for a, b in pairs]}), root / "chat.parquet")
+    return {"model": model, "train": str(root / "train.parquet"), "chat": str(root / "chat.parquet"), "root": root}

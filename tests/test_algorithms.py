@@ -81,12 +81,58 @@ AGG_MASK = torch.tensor([[T_, T_, F_], [T_, F_, F_], [F_, F_, F_]])  # third seq
     ("seq-mean-token-sum-norm", 7.0 / 6),  # row sums / T=3: 1 and 4/3, mean over 2 rows
 ])
 def test_aggregate_loss_modes(mode, expected):
-    close(aggregate_loss(LOSS_MAT, AGG_MASK, mode), expected)
-    assert aggregate_loss(LOSS_MAT, torch.zeros(3, 3, dtype=torch.bool), mode).item() == 0.0
+    close(aggregate_loss(LOSS_MAT, AGG_MASK, mode, norm=3), expected)
+    assert aggregate_loss(LOSS_MAT, torch.zeros(3, 3, dtype=torch.bool), mode, norm=3).item() == 0.0
+
+
+def test_dr_grpo_normaliser_is_a_constant_not_the_longest_completion():
+    # The same two sequences (3 and 2 valid tokens, loss 1 each) in a step padded to T=3 and to T=8: Dr.GRPO
+    # divides token sums by the generation budget (here 8), so the padding of the step must not matter.
+    mask = torch.tensor([[T_, T_, T_], [T_, T_, F_]])
+    short = aggregate_loss(torch.ones(2, 3), mask, "seq-mean-token-sum-norm", norm=8)
+    long = aggregate_loss(torch.ones(2, 8), torch.nn.functional.pad(mask, (0, 5)), "seq-mean-token-sum-norm", norm=8)
+    close(short, (3 / 8 + 2 / 8) / 2)
+    close(long, short)
+    with pytest.raises(ValueError, match="divides by a constant"):
+        aggregate_loss(torch.ones(2, 3), mask, "seq-mean-token-sum-norm")
+
+
+def test_k3_plus_has_k3_value_and_the_reverse_kl_gradient_of_k2():
+    logp = torch.tensor([[-1.0, -2.0, -0.3]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.0, -0.3]])
+    value = kl_penalty(logp, ref, "k3+")
+    close(value, kl_penalty(logp.detach(), ref, "k3"))
+    value.sum().backward()
+    expected = torch.autograd.grad(kl_penalty(logp, ref, "k2").sum(), logp)[0]
+    close(logp.grad, expected)                             # d/dlogp 0.5 (logp - ref)^2 = logp - ref
+
+
+def test_expected_kl_gradients_k1_none_k2_reverse_k3_forward():
+    """Exact expectations over a 5-way categorical pi (float64): what each estimator's gradient optimises
+    when it sits in the loss. k1: nothing (E[grad log pi] = 0, so the config refuses it there)."""
+    g = torch.Generator().manual_seed(3)
+    theta = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    ref = torch.log_softmax(torch.randn(5, generator=g, dtype=torch.float64), -1)
+
+    def expected_grad(estimator):
+        logp = torch.log_softmax(theta, -1)
+        per_token = kl_penalty(logp.unsqueeze(0), ref.unsqueeze(0), estimator).squeeze(0)   # value at each token
+        p = logp.exp().detach()
+        return torch.autograd.grad((p * per_token).sum() + 0 * theta.sum(), theta)[0]       # E_pi, pi fixed
+
+    def grad_of(kl):
+        return torch.autograd.grad(kl(torch.log_softmax(theta, -1)), theta)[0]
+
+    reverse = grad_of(lambda lp: (lp.exp() * (lp - ref)).sum())     # KL(pi || ref)
+    forward = grad_of(lambda lp: (ref.exp() * (ref - lp)).sum())    # KL(ref || pi)
+    assert expected_grad("k1").abs().max() < 1e-12
+    close(expected_grad("k2"), reverse, atol=1e-12)
+    close(expected_grad("k3"), forward, atol=1e-12)
+    close(expected_grad("k3+"), reverse, atol=1e-12)
 
 
 def test_unknown_kl_estimator_or_aggregation_lists_names():
-    with pytest.raises(ValueError, match="k1, k2, k3"):
+    with pytest.raises(ValueError, match="k1, k2, k3, k3\\+"):
         kl_penalty(torch.zeros(1, 1), torch.zeros(1, 1), "k4")
     with pytest.raises(ValueError, match="seq-mean-token-mean, seq-mean-token-sum-norm, token-mean"):
         aggregate_loss(LOSS_MAT, AGG_MASK, "sum")

@@ -1,5 +1,5 @@
 """Cluster deployment: `cluster.yaml` against Ray's own launcher schema, the KubeRay RayJob manifest, and a
-real `ray job submit` of `python -m pipeline.train` to a real `ray start --head` with token auth on.
+real `ray job submit` of `python -m actors.train` to a real `ray start --head` with token auth on.
 
 The job test starts its head in a session of its own with an isolated `--temp-dir`, its own free ports and
 its own token file (`RAY_AUTH_TOKEN_PATH`, so `~/.ray/auth_token` is neither read nor written), and stops it
@@ -108,9 +108,9 @@ def kuberay_rayjob() -> dict:
 
 
 def entrypoint_overrides(entrypoint: str) -> tuple[str, list[str]]:
-    """`python -m pipeline.train --config NAME a.b=c ...` -> (NAME, overrides)."""
+    """`python -m actors.train --config NAME a.b=c ...` -> (NAME, overrides)."""
     argv = shlex.split(entrypoint)
-    assert argv[:3] == ["python", "-m", "pipeline.train"], argv
+    assert argv[:3] == ["python", "-m", "actors.train"], argv
     assert argv[3] == "--config", argv
     return argv[4], argv[5:]
 
@@ -249,7 +249,7 @@ def test_ray_job_submit_trains_on_a_token_auth_head_and_logs_to_mlflow(ray_head,
                          "checkpoint.every=0", "resources.cpus_per_reward_scorer=0.25",
                          f"tracking.tracking_uri=sqlite:///{db}")
     # sys.executable, not `python`: the job inherits the head's PATH, where `python` may be another one.
-    entrypoint = [sys.executable, "-m", "pipeline.train", "--config", "grpo", *overrides]
+    entrypoint = [sys.executable, "-m", "actors.train", "--config", "grpo", *overrides]
     runtime_env = {"excludes": WORKING_DIR_EXCLUDES, "env_vars": {"HF_HUB_OFFLINE": "1"}}
     submission_id = f"rlpipe-test-{secrets.token_hex(4)}"
     submitted = ray_cli(head, "job", "submit", "--address", head.dashboard, "--working-dir", str(REPO),

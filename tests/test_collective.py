@@ -9,7 +9,7 @@ import torch
 
 from pipeline.algorithms.core import aggregate_loss, shard_weight
 from pipeline.collective import Group, all_reduce_grads, open_store, receive_weights, send_weights, weights_spec
-from pipeline.weights import model_checksum
+from pipeline.weights import state_checksum
 
 
 # ------------------------------------------------------------------------------ pure parts, no Ray
@@ -35,9 +35,9 @@ def test_weighted_shards_add_up_to_the_whole_batch(mode):
         loss = torch.randn(n, 6, generator=gen)
         mask = torch.rand(n, 6, generator=gen) > 0.4
         mask[0] = False                                  # a sequence with no valid token
-        parts = [shard_weight(mask[i], mask, mode) * aggregate_loss(loss[i], mask[i], mode)
+        parts = [shard_weight(mask[i], mask, mode) * aggregate_loss(loss[i], mask[i], mode, norm=8)
                  for i in torch.arange(n).tensor_split(k)]
-        assert sum(parts) == pytest.approx(aggregate_loss(loss, mask, mode).item(), abs=1e-6)
+        assert sum(parts) == pytest.approx(aggregate_loss(loss, mask, mode, norm=8).item(), abs=1e-6)
 
 
 def _run_ranks(size: int, body) -> list:
@@ -83,15 +83,15 @@ def test_broadcast_carries_weights_version_and_checksum(tiny_task):
     with torch.no_grad():
         for p in sender.parameters():
             p.add_(0.01)                                             # differs from the folder's weights
-    spec, checksum = weights_spec(sender), model_checksum(sender)
+    spec, checksum = weights_spec(sender.state_dict()), state_checksum(sender.state_dict())
 
     def body(group):
         if group.rank == 0:
-            return send_weights(group, sender, version=7, checksum=checksum)
+            return send_weights(group, sender.state_dict(), version=7, checksum=checksum)
         receiver = load_causal_lm(tiny_task["model"])
         version, sent_checksum, state = receive_weights(group, spec)
         receiver.load_state_dict(state)
-        return version, sent_checksum, model_checksum(receiver)
+        return version, sent_checksum, state_checksum(receiver.state_dict())
     sent_bytes, *received = _run_ranks(3, body)
     assert sent_bytes == sum(v.numel() * v.element_size() for v in sender.state_dict().values())
     assert received == [(7, checksum, checksum)] * 2
@@ -104,8 +104,8 @@ def _scored_batch(cfg):
     from pipeline.algorithms.advantages import AdvantageInputs, compute_advantages, place_sequence_reward
     from pipeline.batch import TrainBatch
     from pipeline.data import PromptSampler, read_prompt_table
-    from pipeline.learner import Learner
-    from pipeline.workers import RolloutGenerator
+    from pipeline.generator import RolloutGenerator
+    from pipeline.trainers.ppo import PolicyLearner
 
     G = cfg.rollout.samples_per_prompt
     rows = PromptSampler(read_prompt_table(cfg.data.train_path, ("prompt",)), cfg.rollout.prompts_per_step, 0).next_batch()
@@ -113,13 +113,13 @@ def _scored_batch(cfg):
     groups = [b for b in range(len(rows)) for _ in range(G)]
     rollout = RolloutGenerator(cfg.model, cfg.rollout).generate(prompts, groups, list(range(len(prompts))), 0)
     scores = torch.rand(len(prompts), generator=torch.Generator().manual_seed(1)).round()   # 0/1 rewards
-    single = Learner(cfg)
+    single = PolicyLearner(cfg)
     batch = TrainBatch(rollout=rollout, scores=scores, score_failed=torch.zeros(len(prompts), dtype=torch.bool))
-    batch.values = single.values(rollout)
-    batch.token_rewards = place_sequence_reward(scores, rollout.completion_mask)
+    batch.values = single.rollout_forward(rollout)["values"]
     a = cfg.algorithm
     batch.advantages, batch.returns = compute_advantages(a.name, AdvantageInputs(
-        token_rewards=batch.token_rewards, mask=rollout.completion_mask, group_ids=rollout.group_ids,
+        token_rewards=place_sequence_reward(scores, rollout.completion_mask), mask=rollout.completion_mask,
+        group_ids=rollout.group_ids,
         values=batch.values, gamma=a.gamma, lam=a.lam, scale_by_std=a.scale_by_std))
     return single, batch
 
@@ -133,7 +133,7 @@ def test_k_learners_update_exactly_like_one(tiny_task, ray_local, tmp_path, pres
     from actors.pools import connect_group
     from actors.shells import Learner
     from pipeline.config import load_config
-    from pipeline.learner import DP_GROUP
+    from pipeline.collective import DP_GROUP
 
     cfg = load_config(preset, [
         f"model.path={tiny_task['model']}", f"data.train_path={tiny_task['data']['train']}",
@@ -175,7 +175,7 @@ def test_collective_sync_keeps_every_generator_on_the_learners_weights(tiny_task
     """Each step's broadcast leaves every generator with the learner's checksum; a generator killed between
     steps is restarted, gets the weights through the object store, and the group is rebuilt around it."""
     from pipeline.config import load_config
-    from pipeline.run import run_training
+    from actors.run import run_training
 
     cfg = load_config("grpo", [
         f"model.path={tiny_task['model']}", f"data.train_path={tiny_task['data']['train']}",

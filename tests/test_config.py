@@ -1,7 +1,8 @@
 """Config loading, overrides and validation: one clear error per bad input."""
 import pytest
 
-from pipeline.config import ConfigError, RunConfig, config_reference_markdown, flat_dict, load_config
+from pipeline.config import ConfigError, RunConfig, config_reference_markdown, load_config
+from pipeline.tracking import flatten_config
 
 pytestmark = pytest.mark.unit
 
@@ -57,12 +58,12 @@ def test_resolved_config_round_trips(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(cfg.to_yaml())
     assert load_config(str(path)) == cfg
-    assert flat_dict(cfg)["learner.lr"] == 3e-4
+    assert flatten_config(cfg.to_dict())["learner.lr"] == "0.0003"
 
 
 def test_every_field_documented_once():
     doc = config_reference_markdown()
-    for key in flat_dict(RunConfig()):
+    for key in flatten_config(RunConfig().to_dict()):
         assert doc.count(f"| `{key}` |") == 1, key
 
 

@@ -9,11 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.data import DataError, PromptSampler, make_arithmetic_task, read_prompt_table
+from pipeline.data import DataError, PromptSampler, read_prompt_table
+from pipeline.demo.task import make_arithmetic_task
+from pipeline.engine import lr_factor
 from pipeline.evaluation import exact_match_accuracy
-from pipeline.models import (CriticModel, ModelLoadError, build_char_tokenizer, build_tiny_model,
-                             completion_forward, load_causal_lm, load_tokenizer, sample_completions)
-from pipeline.warmstart import encode_supervised, lr_factor, sft_loss, supervised_finetune
+from pipeline.generation import sample_completions
+from pipeline.models import ModelLoadError, ValueModel, completion_forward, load_causal_lm, load_tokenizer
+from pipeline.small_models import build_char_tokenizer, build_tiny_model
+from pipeline.trainers.sft import encode_supervised, sft_loss, supervised_finetune
 
 pytestmark = pytest.mark.unit
 os.environ["HF_HUB_OFFLINE"] = "1"  # everything here is local; a hub lookup would be a bug
@@ -99,11 +102,11 @@ def test_completion_mask_keeps_eos_and_drops_what_follows(tiny):
 
 
 def test_critic_starts_at_zero_and_reloads(tiny_dir):
-    critic = CriticModel(tiny_dir)
+    critic = ValueModel(tiny_dir)
     ids = torch.tensor([[0, 1, 5, 6], [1, 5, 6, 7]])
     values = critic(ids, ids != 0)
     assert values.shape == (2, 4) and (values == 0).all()
-    again = CriticModel(tiny_dir)
+    again = ValueModel(tiny_dir)
     again.load_state_dict(critic.state_dict())
 
 

@@ -17,8 +17,8 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.util.placement_group import placement_group_table
 
+from actors.run import run_training
 from pipeline.config import load_config
-from pipeline.run import run_training
 
 pytestmark = pytest.mark.ray
 
@@ -127,7 +127,9 @@ class NodeLoss:
         self.steps, self.pools, self.node, self.roles, self.thread = [], [], None, [], None
 
     def record(self, step, metrics, trainer):
-        assert len(trainer.samples) == self.batch_size and trainer.last_scored_once   # the whole batch, once
+        samples = trainer.samples()
+        assert len(samples) == self.batch_size                                        # the whole batch
+        assert sorted(r["reward"] for r in samples) == sorted(trainer.last_batch.scores.tolist())
         assert metrics["policy/version"] == step                                     # weights never stale
         self.steps.append(step)
         self.pools.append(trainer.pools)

@@ -3,10 +3,10 @@ import pytest
 import ray
 import torch
 
+from actors.driver import Trainer
 from actors.pools import ClusterTooSmall, check_fits, layout, start_actors
 from pipeline.config import load_config
 from pipeline.data import read_prompt_table
-from pipeline.driver import Trainer
 from tests.rewards_for_tests import sevens
 
 pytestmark = pytest.mark.ray
@@ -45,10 +45,10 @@ def test_every_prompt_gets_g_completions_in_order_scored_once(pools_and_trainer)
     assert rollout.sample_index.tolist() == list(range(len(rows) * G))
     assert rollout.group_ids.tolist() == [b for b in range(len(rows)) for _ in range(G)]
     assert rollout.completion_ids.shape == rollout.logprobs.shape == rollout.completion_mask.shape
-    batch = trainer.score(rollout, rows)
+    batch, stats = trainer.score(rollout, rows)
     expected = sevens(rollout.prompts, rollout.completions)
     assert batch.scores.tolist() == pytest.approx(expected)            # each sample's own score, in order
-    assert trainer.last_scored_once                        # the driver counted each index exactly once
+    assert stats["reward/mean"] == pytest.approx(sum(expected) / len(expected))
     pids = ray.get([s.pid.remote() for s in pools.scorers])
     assert len(set(pids)) == 2                             # two real scorer processes
 

@@ -125,7 +125,6 @@ def test_artifacts_land_in_run_dir_not_cwd(tmp_path, monkeypatch, shared_uri):
     # one); the new experiment puts its artifacts beside that store, never under ./mlruns of the cwd.
     with Tracker(run_dir, experiment="artifacts", tracking_uri=shared_uri) as tracker:
         tracker.log_artifact(note, "notes")
-        tracker.log_dict_as_json({"a": 1}, "config")
         tracker.log_dict_as_yaml({"b": [1, 2]}, "config.yaml")
         rows = [{"prompt": "1+2=", "completion": "3", "reward": 1.0},
                 {"prompt": "2+2=", "completion": "5", "reward": 0.0}]
@@ -136,7 +135,6 @@ def test_artifacts_land_in_run_dir_not_cwd(tmp_path, monkeypatch, shared_uri):
     store_dir = Path(shared_uri[len("sqlite:///"):]).parent
     artifact_root = store_dir / "mlartifacts" / tracker.run_id / "artifacts"
     assert (artifact_root / "notes" / "note.txt").read_text() == "hello"
-    assert json.loads((artifact_root / "config.json").read_text()) == {"a": 1}
     assert (artifact_root / "config.yaml").is_file()
     listed = {f.path for f in tracker.client.list_artifacts(tracker.run_id, "samples")}
     assert listed == {"samples/step_000003.parquet", "samples/arrow.parquet"}

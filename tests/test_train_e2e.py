@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.cli import main
+from actors.cli import main
+from actors.run import run_training
 from pipeline.config import load_config
-from pipeline.run import run_training
 
 TESTS = os.path.dirname(__file__)
 
@@ -77,12 +77,14 @@ def test_interrupted_run_resumes_without_logging_a_step_twice(tiny_task, tmp_pat
     assert "step_000005" in os.listdir(out / "checkpoints")
 
 
+@pytest.mark.unit      # every case stops in the checks before Ray starts
 @pytest.mark.parametrize("case, fragment", [
     ("unknown_field", "unknown config field algorithm.clip_rang"),
     ("missing_file", "no_such.parquet"),
     ("missing_column", "prompt"),
     ("not_a_model", "is not a Hugging Face model folder"),
     ("bad_reward", "cannot import module 'no_such_module'"),
+    ("too_long", "but the model has 64"),
 ])
 def test_bad_input_one_clear_error_and_no_run_dir(tiny_task, tmp_path, capsys, case, fragment):
     out = tmp_path / "bad"
@@ -96,6 +98,12 @@ def test_bad_input_one_clear_error_and_no_run_dir(tiny_task, tmp_path, capsys, c
     elif case == "not_a_model":
         (tmp_path / "empty").mkdir()
         args.append(f"model.path={tmp_path}/empty")
+    elif case == "too_long":     # 60 characters + <bos> + 6 new tokens > the tiny model's 64 positions
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"prompt": ["1+2=", "1" * 60 + "+2="], "answer": ["3", "3"]}), tmp_path / "long.parquet")
+        args.append(f"data.train_path={tmp_path}/long.parquet")
     else:
         args.append("reward.functions=[no_such_module:score]")
     assert main(["train", "--config", "grpo", *args]) == 2
@@ -105,7 +113,8 @@ def test_bad_input_one_clear_error_and_no_run_dir(tiny_task, tmp_path, capsys, c
 
 
 @pytest.mark.slow
-def test_reward_that_raises_on_a_sample_is_counted_and_run_goes_on(tiny_task, tmp_path, monkeypatch):
+@pytest.mark.parametrize("on_failure", ["score", "drop"])
+def test_reward_that_raises_on_a_sample_is_counted_and_run_goes_on(tiny_task, tmp_path, monkeypatch, on_failure):
     (tmp_path / "flaky_reward.py").write_text(
         "def flaky(prompts, completions, **columns):\n"
         "    if any('1' in c for c in completions) and len(completions) > 1:\n"
@@ -115,11 +124,13 @@ def test_reward_that_raises_on_a_sample_is_counted_and_run_goes_on(tiny_task, tm
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "flaky"
     cfg = load_config("grpo", run_args(tiny_task, out, "reward.functions=[flaky_reward:flaky]", "train.steps=2",
-                                       "train.eval_every=2"))
+                                       "train.eval_every=2", f"reward.on_failure={on_failure}"))
     summary = run_training(cfg)
     client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
-    failed = client.get_metric_history(summary["mlflow_run_id"], "reward/failed")
-    assert summary["steps"] == 2 and sum(m.value for m in failed) > 0
+    failed = sum(m.value for m in client.get_metric_history(summary["mlflow_run_id"], "reward/failed"))
+    dropped = sum(m.value for m in client.get_metric_history(summary["mlflow_run_id"], "reward/dropped"))
+    assert summary["steps"] == 2 and failed > 0
+    assert dropped == (failed if on_failure == "drop" else 0)
 
 
 @pytest.mark.slow

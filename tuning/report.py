@@ -85,7 +85,7 @@ def _unfinished(sweep_dir: str) -> set[str]:
 
     from ray.tune import ExperimentAnalysis
 
-    from tuning.sweep import TRIALS_DIR
+    from tuning.trainable import TRIALS_DIR
 
     quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
     level = quiet.level

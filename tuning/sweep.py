@@ -29,7 +29,6 @@ from pipeline.errors import UserInputError
 
 DEFAULT_SPACE = os.path.join(os.path.dirname(__file__), "default_space.yaml")
 SWEEP_FILE = "sweep.yaml"
-TRIALS_DIR = "tune"                   # the Tune experiment inside the sweep directory; a folder per trial id
 ASHA_STATE = "asha_state.pkl"         # ASHA's rungs, for --resume
 PATH_FIELDS = ("model.path", "model.critic_path", "data.train_path", "data.eval_path")
 
@@ -53,9 +52,9 @@ class SweepOptions:
     seed: int = 0                         # the search's random draws
 
 
-def _base_tree(cfg, opts: SweepOptions, tracking_uri: str) -> dict:
+def _base_tree(cfg, opts: SweepOptions, tracking_uri: str, parent_run_id: Optional[str] = None) -> dict:
     """The config every trial starts from: paths made absolute (trials run in other directories),
-    per-trial budgets from the command line, the sweep's MLflow store."""
+    per-trial budgets from the command line, the sweep's MLflow store and parent run."""
     from pipeline.config import set_dotted
 
     tree = cfg.to_dict()
@@ -71,6 +70,7 @@ def _base_tree(cfg, opts: SweepOptions, tracking_uri: str) -> dict:
     if opts.scheduler == "pbt":   # PBT can only exploit a trial at a step where it reported a checkpoint
         set_dotted(tree, "checkpoint.every", opts.perturbation_interval)
     set_dotted(tree, "tracking.tracking_uri", tracking_uri)
+    set_dotted(tree, "tracking.parent_run_id", parent_run_id)
     return tree
 
 
@@ -93,13 +93,12 @@ def check_trial_fits(base_tree: dict, space, available: dict) -> list[dict]:
     return trial_bundles(trial_config(base_tree, {}))
 
 
-def _trainable(base_tree: dict, parent_run_id: str, sweep_dir: str):
+def _trainable(base_tree: dict, sweep_dir: str):
     from ray import tune
 
-    from tuning.trainable import TrialResources, train_trial
+    from tuning.trainable import TRIALS_DIR, TrialResources, train_trial
 
-    trainable = tune.with_parameters(train_trial, base_tree=base_tree, parent_run_id=parent_run_id,
-                                     trials_dir=os.path.join(sweep_dir, TRIALS_DIR))
+    trainable = tune.with_parameters(train_trial, base_tree=base_tree, trials_dir=os.path.join(sweep_dir, TRIALS_DIR))
     return tune.with_resources(trainable, TrialResources(base_tree))
 
 
@@ -138,12 +137,13 @@ def _resumable_asha(state_path: str, **kwargs):
     return ResumableASHA()
 
 
-def _tuner(base_tree: dict, space, opts: SweepOptions, sweep_dir: str, parent_run_id: str):
+def _tuner(base_tree: dict, space, opts: SweepOptions, sweep_dir: str):
     from ray import tune
     from ray.tune.schedulers import PopulationBasedTraining
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from tuning.report import TrialConsole
+    from tuning.trainable import TRIALS_DIR
 
     steps = base_tree["train"]["steps"]
     # PBT clones the checkpoint a donor had at its last perturbation, which the donor may have rotated out
@@ -159,7 +159,7 @@ def _tuner(base_tree: dict, space, opts: SweepOptions, sweep_dir: str, parent_ru
                                             perturbation_interval=opts.perturbation_interval,
                                             hyperparam_mutations=space.mutations(), custom_explore_fn=space.clip)
     return tune.Tuner(
-        _trainable(base_tree, parent_run_id, sweep_dir),
+        _trainable(base_tree, sweep_dir),
         param_space=space.param_space(),
         # The random search takes the concurrency cap itself (Tune ignores max_concurrent_trials with it).
         tune_config=tune.TuneConfig(num_samples=opts.num_samples, scheduler=scheduler,
@@ -213,11 +213,12 @@ def run_sweep(config: Optional[str], space_path: str, opts: SweepOptions, out: s
         from tuning.report import open_parent_run
 
         parent = open_parent_run(sweep_dir, base, space, opts, out)
+        tree = _base_tree(cfg, opts, parent.tracking_uri, parent.run_id)   # trials nest under the parent run
         state = {"base_config": tree, "space": space.to_spec(), "options": asdict(opts),
                  "mlflow": {"tracking_uri": parent.tracking_uri, "parent_run_id": parent.run_id}}
         with open(os.path.join(sweep_dir, SWEEP_FILE), "w") as fh:
             yaml.safe_dump(state, fh, sort_keys=False)
-        tuner = _tuner(tree, space, opts, sweep_dir, parent.run_id)
+        tuner = _tuner(tree, space, opts, sweep_dir)
         return _fit_and_report(tuner, parent, sweep_dir, space, opts)
     finally:
         if started_ray:
@@ -234,6 +235,7 @@ def resume_sweep(sweep_dir: str, address: Optional[str] = None) -> dict:
     from pipeline.config import load_config
     from pipeline.tracking import Tracker
     from tuning.space import parse_space
+    from tuning.trainable import TRIALS_DIR
 
     path = os.path.join(sweep_dir, SWEEP_FILE)
     if not os.path.exists(path):
@@ -249,7 +251,7 @@ def resume_sweep(sweep_dir: str, address: Optional[str] = None) -> dict:
         parent = Tracker(sweep_dir, experiment=base.tracking.experiment, tracking_uri=state["mlflow"]["tracking_uri"],
                          resume_run_id=state["mlflow"]["parent_run_id"])
         print(f"resuming sweep {sweep_dir} (MLflow parent run {parent.run_id})", flush=True)
-        tuner = tune.Tuner.restore(os.path.join(sweep_dir, TRIALS_DIR), _trainable(tree, parent.run_id, sweep_dir),
+        tuner = tune.Tuner.restore(os.path.join(sweep_dir, TRIALS_DIR), _trainable(tree, sweep_dir),
                                    resume_unfinished=True, resume_errored=True)
         return _fit_and_report(tuner, parent, sweep_dir, space, opts)
     finally:
@@ -260,7 +262,7 @@ def resume_sweep(sweep_dir: str, address: Optional[str] = None) -> dict:
 
 
 def _init_ray(cfg, address: Optional[str]) -> bool:
-    from pipeline.run import init_ray
+    from actors.run import init_ray
 
     return init_ray(cfg, address)
 
@@ -341,9 +343,10 @@ def register_cli(sub) -> None:
 
 
 def main(argv: Optional[list] = None) -> int:
-    from pipeline.cli import main as rlpipe_main
+    """`python -m tuning.sweep ...` = `rlpipe tune ...` (for `ray job submit` without installing)."""
+    from actors.cli import main as rlpipe_main
 
-    return rlpipe_main(["tune", *(sys.argv[1:] if argv is None else argv)])
+    return rlpipe_main(["tune", *(sys.argv[1:] if argv is None else argv)], extra_commands={"tune": register_cli})
 
 
 if __name__ == "__main__":

@@ -17,8 +17,11 @@ sweep, a paused trial) gets `tune.get_checkpoint()`; it is copied in as the run'
 the run resumes from it, logging to the trial's own MLflow run (never the donor's, under PBT).
 
 Resources: `TrialResources` reserves one bundle for this function (the trial driver, 0.01 CPU) and one
-per actor from `actors.pools.layout`; `start_actors(own_placement_group=False)` pins each actor to its
-bundle, so concurrent trials never compete for CPUs or GPUs.
+per actor from `actors.pools.layout`; `start_actors`, called inside the trial's placement group, pins each
+actor to its bundle, so concurrent trials never compete for CPUs or GPUs.
+
+MLflow: the trial's run is a child of the sweep's parent run through `tracking.parent_run_id`, set in the
+sweep's base config.
 """
 from __future__ import annotations
 
@@ -30,8 +33,11 @@ import time
 
 import yaml
 
-from pipeline.config import RunConfig, flat_dict, load_config, set_dotted
+from pipeline.checkpoint import update_checkpoint_extra
+from pipeline.config import RunConfig, load_config, set_dotted
+from pipeline.tracking import flatten_config
 
+TRIALS_DIR = "tune"             # the Tune experiment inside the sweep directory; a folder per trial id
 DRIVER_BUNDLE = {"CPU": 0.01}   # this function: the Trainer's loop, MLflow calls; the actors do the work
 RUN_ID_FILE = "mlflow_run_id"   # in the trial directory: the trial's own MLflow child run
 STARTS_FILE = "starts.log"      # in the trial directory: one line per (re)start of the trial
@@ -78,13 +84,8 @@ def _restore_into_run(checkpoint, run_dir: str, own_run_id: str | None) -> int:
             step = json.load(fh)["step"]
         dst = os.path.join(root, f"step_{step:06d}")
         shutil.copytree(src, dst)
-    meta_path = os.path.join(dst, "meta.json")
-    with open(meta_path) as fh:
-        meta = json.load(fh)
     # Under PBT the checkpoint may be another trial's: keep logging to our own run (None: a new child run).
-    meta["extra"]["mlflow_run_id"] = own_run_id
-    with open(meta_path, "w") as fh:
-        json.dump(meta, fh, indent=2)
+    update_checkpoint_extra(dst, mlflow_run_id=own_run_id)
     return step
 
 
@@ -126,14 +127,14 @@ class StepReporter:
             fh.write(tracker.run_id)
         tracker.client.set_tag(tracker.run_id, "tune.trial_id", ctx.get_trial_id())
         tracker.client.set_tag(tracker.run_id, "tune.trial_dir", self.trial_dir)
-        tracker.log_params(flat_dict(self.cfg))   # no-op for params already logged (a resumed run)
+        tracker.log_params(flatten_config(self.cfg.to_dict()))   # no-op for params already logged (a resumed run)
         # Params are immutable; values PBT changes mid-run show as `hparam/<field>` metrics over steps.
         for field, value in self.params.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 tracker.client.log_metric(tracker.run_id, f"hparam/{field}", float(value), step=step)
 
 
-def train_trial(params: dict, *, base_tree: dict, parent_run_id: str, trials_dir: str) -> None:
+def train_trial(params: dict, *, base_tree: dict, trials_dir: str) -> None:
     """The Tune function trainable. `params`: {dotted field: value} from the search space.
 
     `trials_dir` is the Tune experiment directory; the sweep names each trial's directory by its trial id.
@@ -142,7 +143,7 @@ def train_trial(params: dict, *, base_tree: dict, parent_run_id: str, trials_dir
     """
     from ray import tune
 
-    from pipeline.run import run_training
+    from actors.run import run_training
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)   # one "Checkpoint successfully created" per save
     ctx = tune.get_context()
@@ -166,8 +167,7 @@ def train_trial(params: dict, *, base_tree: dict, parent_run_id: str, trials_dir
         fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} start from step {resumed_at or 0} "
                  f"{json.dumps(params, default=str)}\n")
     summary = run_training(cfg, resume=checkpoint is not None, overwrite=checkpoint is None,
-                           on_step=StepReporter(cfg, params, trial_dir), own_placement_group=False,
-                           parent_run_id=parent_run_id)
+                           on_step=StepReporter(cfg, params, trial_dir))
     # Only a trial whose loop ended gets here: a trial the scheduler stops is ended inside tune.report.
     with open(os.path.join(trial_dir, SUMMARY_FILE), "w") as fh:
         json.dump(summary, fh, default=str)

@@ -122,7 +122,7 @@ def gae(inp: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
     return masked_whiten(advantages, inp.mask), returns
 
 
-@ADVANTAGE_ESTIMATORS.register("grpo", needs_critic=False)
+@ADVANTAGE_ESTIMATORS.register("grpo", needs_critic=False, needs_groups=True)
 def grpo(inp: AdvantageInputs) -> tuple[torch.Tensor, None]:
     """(score - group mean) / (group std + eps), or (score - group mean) when scale_by_std is False.
 
@@ -140,13 +140,13 @@ def grpo(inp: AdvantageInputs) -> tuple[torch.Tensor, None]:
     return _broadcast_over_tokens(centred, inp.mask), None
 
 
-@ADVANTAGE_ESTIMATORS.register("dr_grpo", needs_critic=False)
+@ADVANTAGE_ESTIMATORS.register("dr_grpo", needs_critic=False, needs_groups=True)
 def dr_grpo(inp: AdvantageInputs) -> tuple[torch.Tensor, None]:
     """GRPO with scale_by_std forced off: score - group mean (Dr.GRPO drops the std's difficulty bias)."""
     return grpo(replace(inp, scale_by_std=False))
 
 
-@ADVANTAGE_ESTIMATORS.register("rloo", needs_critic=False)
+@ADVANTAGE_ESTIMATORS.register("rloo", needs_critic=False, needs_groups=True)
 def rloo(inp: AdvantageInputs) -> tuple[torch.Tensor, None]:
     """score_i - mean of the other G-1 scores of its group (equals G/(G-1) (score_i - group mean)).
 

@@ -10,9 +10,15 @@ Variants implemented:
   arXiv:1912.09729), in the form verl uses.
 - Clipped value loss as in OpenAI baselines / OpenRLHF `ValueLoss`.
 - KL estimators k1, k2, k3 from Schulman, "Approximating KL Divergence" (2020,
-  http://joschu.net/blog/kl-approx.html); k3 is the unbiased, low-variance, always-positive one GRPO uses.
+  http://joschu.net/blog/kl-approx.html), and verl's straight-through "k3+". Which fits where:
+    in the reward (a value, no gradient through it): k1 (unbiased, the InstructGPT / OpenRLHF choice) or k3;
+    in the loss (its gradient is what regularises): k2, whose gradient is exactly that of KL(pi || ref);
+    k3, whose gradient is exactly that of the forward KL(ref || pi) (GRPO's choice); or k3+, k3's value with
+    k2's gradient. k1 in the loss has zero expected gradient (E_pi[grad log pi] = 0): it regularises nothing,
+    so the config refuses it there.
 - Loss aggregation: token-mean (DAPO / TRL default), seq-mean-token-mean (original GRPO, Shao et al. 2024),
-  seq-mean-token-sum-norm (Dr.GRPO, Liu et al. 2025, arXiv:2503.20783).
+  seq-mean-token-sum-norm (Dr.GRPO, Liu et al. 2025, arXiv:2503.20783): each sequence's token sum divided by
+  a constant, the generation budget, not by the step's longest completion.
 """
 from __future__ import annotations
 
@@ -110,49 +116,63 @@ def _kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_ratio) - log_ratio - 1.0
 
 
+@KL_ESTIMATORS.register("k3+")
+def _kl_k3_plus(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    # Straight-through (verl's "k3+"): the value of k3 (unbiased, >= 0) with the gradient of k2, which is
+    # exactly the gradient of KL(pi || pi_ref) -- the reverse KL the penalty is meant to control.
+    k2 = _kl_k2(logprobs, ref_logprobs)
+    return _kl_k3(logprobs, ref_logprobs).detach() + k2 - k2.detach()
+
+
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
     """Per-token estimate of KL(pi || pi_ref) from sampled tokens' log-probs.
 
     logprobs, ref_logprobs: (N, T) float -> (N, T) float, unmasked (the caller applies its mask).
-    estimator: "k1" | "k2" | "k3" (see the module docstring); anything else -> ValueError listing names.
+    estimator: "k1" | "k2" | "k3" | "k3+" (see the module docstring for which belongs in the reward and which
+    in the loss); anything else -> ValueError listing names.
     """
     return _lookup(KL_ESTIMATORS, estimator)(logprobs, ref_logprobs)
 
 
 # ----------------------------------------------------------------------------------------- aggregation
 
-LOSS_AGGREGATIONS: Registry[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = Registry("loss aggregation")
+LOSS_AGGREGATIONS: Registry[Callable[..., torch.Tensor]] = Registry("loss aggregation")
 
 
-@LOSS_AGGREGATIONS.register("token-mean")
-def _agg_token_mean(loss_mat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+@LOSS_AGGREGATIONS.register("token-mean", needs_norm=False)
+def _agg_token_mean(loss_mat: torch.Tensor, mask: torch.Tensor, norm: Optional[float]) -> torch.Tensor:
     # Every valid token of the batch weighs the same, so long answers are not down-weighted (DAPO).
     return masked_mean(loss_mat, mask)
 
 
-@LOSS_AGGREGATIONS.register("seq-mean-token-mean")
-def _agg_seq_mean_token_mean(loss_mat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+@LOSS_AGGREGATIONS.register("seq-mean-token-mean", needs_norm=False)
+def _agg_seq_mean_token_mean(loss_mat: torch.Tensor, mask: torch.Tensor, norm: Optional[float]) -> torch.Tensor:
     # Original GRPO: each sequence weighs the same, its tokens share that weight (length bias, Dr.GRPO).
     per_seq = masked_mean(loss_mat, mask, dim=-1)  # (N,)
     return masked_mean(per_seq, mask.any(dim=-1))  # sequences with no valid token are left out
 
 
-@LOSS_AGGREGATIONS.register("seq-mean-token-sum-norm")
-def _agg_seq_mean_token_sum_norm(loss_mat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    # Dr.GRPO: divide each sequence's token sum by the same constant (the padded length T) instead of
-    # its own length, which removes the length bias of seq-mean-token-mean.
-    per_seq = masked_sum(loss_mat, mask, dim=-1) / loss_mat.shape[-1]  # (N,)
+@LOSS_AGGREGATIONS.register("seq-mean-token-sum-norm", needs_norm=True)
+def _agg_seq_mean_token_sum_norm(loss_mat: torch.Tensor, mask: torch.Tensor, norm: Optional[float]) -> torch.Tensor:
+    # Dr.GRPO: divide each sequence's token sum by one constant for the whole run (the generation budget)
+    # instead of its own length, which removes the length bias of seq-mean-token-mean. Not the padded T:
+    # T is the step's longest completion, so the gradient scale would follow one outlier sample.
+    per_seq = masked_sum(loss_mat, mask, dim=-1) / norm  # (N,)
     return masked_mean(per_seq, mask.any(dim=-1))
 
 
-def aggregate_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+def aggregate_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str, norm: Optional[float] = None) -> torch.Tensor:
     """Reduce a per-token loss to a scalar.
 
     loss_mat: (N, T) float, mask: (N, T) bool -> () float. mode: "token-mean" | "seq-mean-token-mean" |
     "seq-mean-token-sum-norm" (see the module docstring); anything else -> ValueError listing names.
-    A batch with no valid token gives 0.
+    `norm` is the constant seq-mean-token-sum-norm divides by (the generation budget, e.g. max_new_tokens);
+    that mode refuses to run without it. A batch with no valid token gives 0.
     """
-    return _lookup(LOSS_AGGREGATIONS, mode)(loss_mat, mask)
+    fn = _lookup(LOSS_AGGREGATIONS, mode)
+    if LOSS_AGGREGATIONS.meta(mode)["needs_norm"] and not norm:
+        raise ValueError(f"loss aggregation {mode!r} divides by a constant: pass norm= (the generation budget)")
+    return fn(loss_mat, mask, norm)
 
 
 # ----------------------------------------------------------------------------------------- losses
@@ -167,6 +187,7 @@ def clipped_policy_loss(
     clip_range_high: Optional[float] = None,
     dual_clip: Optional[float] = None,
     agg: str = "token-mean",
+    norm: Optional[float] = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO-clip surrogate loss (to minimise), with DAPO clip-higher and optional dual-clip.
 
@@ -175,7 +196,7 @@ def clipped_policy_loss(
     ratio r = exp(logprobs - old_logprobs); per token
         loss = max(-A r, -A clip(r, 1 - clip_range, 1 + clip_range_high))    (clip_range_high defaults to clip_range)
     and with dual_clip = c > 1, for A < 0 only: loss = min(loss, -A c), bounding the loss when r >> 1 (Ye et al.).
-    Returns (scalar loss aggregated by `agg`, stats) with stats as Python floats over valid tokens:
+    Returns (scalar loss aggregated by `agg` (`norm`: see `aggregate_loss`), stats) with stats as Python floats over valid tokens:
     clip_frac (the clipped term was the larger one), dual_clip_frac (the dual bound was active),
     approx_kl (mean 0.5 (log r)^2), ratio_mean.
     """
@@ -193,7 +214,7 @@ def clipped_policy_loss(
         pg_dual = -advantages * dual_clip
         dual_active = (advantages < 0) & (pg_dual < loss_mat)
         loss_mat = torch.where(advantages < 0, torch.minimum(loss_mat, pg_dual), loss_mat)
-    loss = aggregate_loss(loss_mat, mask, agg)
+    loss = aggregate_loss(loss_mat, mask, agg, norm)
 
     with torch.no_grad():
         # .item() is a device sync; it happens once per micro-batch, after the loss is built.
@@ -213,6 +234,7 @@ def clipped_value_loss(
     mask: torch.Tensor,
     value_clip: Optional[float] = None,
     agg: str = "token-mean",
+    norm: Optional[float] = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Critic loss 0.5 max((v - R)^2, (clip(v, v_old - c, v_old + c) - R)^2), PPO's value clipping.
 
@@ -229,7 +251,7 @@ def clipped_value_loss(
         clipped_sq = (v_clipped - returns) ** 2
         loss_mat = torch.maximum(unclipped, clipped_sq)
         clipped = clipped_sq > unclipped
-    loss = 0.5 * aggregate_loss(loss_mat, mask, agg)
+    loss = 0.5 * aggregate_loss(loss_mat, mask, agg, norm)
     with torch.no_grad():
         stats = {"value_clip_frac": masked_mean(clipped.float(), mask).item()}
     return loss, stats
@@ -238,41 +260,42 @@ def clipped_value_loss(
 # ----------------------------------------------------------------------------------------- logits helpers
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) over the last dim: (..., V) -> (...).
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(logits / temperature) over the last dim: (..., V) -> (...) float32.
 
     H = -sum p log p with log p = log_softmax (a logsumexp, so large logits do not overflow). Logits of -inf
-    (masked vocabulary) have p = 0 and contribute 0; `nan_to_num` stops 0 * -inf from becoming NaN in the
-    value or the gradient. Computed in the logits' dtype: pass float32 for an accurate value.
+    (masked vocabulary, e.g. a tokenizer's unused ids) have p = 0 and contribute 0; `nan_to_num` stops
+    0 * -inf from becoming NaN in the value or the gradient. Computed in float32.
     """
-    logp = torch.log_softmax(logits, dim=-1)
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     return -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(dim=-1)
 
 
 def logprobs_from_logits(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / temperature) at `token_ids`.
+    """log softmax(logits / temperature) at `token_ids`, in float32.
 
-    logits: (N, T, V) float, token_ids: (N, T) long -> (N, T) float (float32 for half-precision logits).
+    logits: (N, T, V) float, token_ids: (N, T) long -> (N, T) float32.
     Computed as logit[token] - logsumexp(logits) so no (N, T, V) log-softmax is kept. Half-precision logits
-    are upcast one sequence at a time (as OpenRLHF does): logsumexp in bf16 loses ~2 decimal digits, and a
-    whole-batch float32 copy of (N, T, V) is what we are trying not to allocate.
+    (a bf16 forward) are upcast one sequence at a time, before the temperature (as OpenRLHF does):
+    logsumexp in bf16 loses ~2 decimal digits, and a whole-batch float32 copy of (N, T, V) is what we are
+    trying not to allocate. The temperature must match the sampler's or ratios are biased.
     """
-    if temperature != 1.0:
-        logits = logits / temperature  # must match the sampler's temperature or ratios are biased
-    picked = logits.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)  # (N, T, 1) -> (N, T)
+    picked = logits.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1).float() / temperature  # (N, T)
     if logits.dtype in (torch.float32, torch.float64):
-        return picked - torch.logsumexp(logits, dim=-1)
-    lse = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])  # N x (T,) -> (N, T)
-    return picked.float() - lse
+        scaled = logits / temperature if temperature != 1.0 else logits
+        return picked - torch.logsumexp(scaled, dim=-1)
+    lse = torch.stack([torch.logsumexp(row.float() / temperature, dim=-1) for row in logits])  # N x (T,) -> (N, T)
+    return picked - lse
 
 
 def shard_weight(shard_mask: torch.Tensor, full_mask: torch.Tensor, mode: str) -> float:
-    """Weight of one shard's aggregated loss when a minibatch is split across data-parallel learners.
+    """Weight of one shard's aggregated loss when a minibatch is split into shards: across data-parallel
+    learners, and into micro-batches within a learner.
 
     shard_mask: (n, T) bool, the shard's rows of full_mask: (N, T) bool. Summing
     `shard_weight(shard_k) * aggregate_loss(loss_k, shard_k, mode)` over the shards gives
-    `aggregate_loss(loss, full, mode)` exactly, so all-reducing (summing) the shards' gradients reproduces
-    the single-learner gradient. token-mean weighs by valid tokens, the sequence means by valid sequences.
+    `aggregate_loss(loss, full, mode)` exactly, so accumulating (and all-reducing) the shards' gradients
+    reproduces the gradient of the whole minibatch in one pass. token-mean weighs by valid tokens, the sequence means by valid sequences.
     A minibatch with no valid token gives 0.
     """
     _lookup(LOSS_AGGREGATIONS, mode)

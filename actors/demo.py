@@ -20,10 +20,10 @@ def demo_tracking_uri(out: str) -> str:
 
 def run_demo(out: str = "runs/demo", algos: tuple | list = ("grpo", "ppo"), rl_minutes: float = 10.0,
              sft_minutes: float = 10.0, seed: int | None = None) -> dict:
+    from actors.run import run_training
+    from pipeline.demo.warmstart import DEMO_SEED, run_warmstart, supervised_baseline
     from pipeline.plots import plot_comparison
-    from pipeline.run import run_training
     from pipeline.tracking import Tracker
-    from pipeline.warmstart import DEMO_SEED, run_warmstart, supervised_baseline
 
     seed = DEMO_SEED if seed is None else seed     # generalisation from 1,000 labels depends on it (warmstart.py)
 

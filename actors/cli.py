@@ -1,8 +1,16 @@
-"""The `rlpipe` command. Heavy libraries are imported inside each subcommand to keep `--help` instant."""
+"""The `rlpipe` command. Heavy libraries are imported inside each subcommand to keep `--help` instant.
+
+Commands of packages on top of this one (`tune`, from `tuning`) join through the `rlpipe.commands`
+entry-point group (pyproject.toml): a function that adds its subparser. So the layers stay one-way:
+`tuning` uses `actors`, never the reverse.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Callable, Optional
+
+COMMAND_GROUP = "rlpipe.commands"
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -18,8 +26,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 def cmd_train(args) -> int:
     import os
 
+    from actors.run import run_training
     from pipeline.config import load_config
-    from pipeline.run import run_training
 
     config = args.config
     overrides = list(args.overrides)
@@ -33,9 +41,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_warmstart(args) -> int:
-    from pipeline.warmstart import run_warmstart
-
-    from pipeline.warmstart import DEMO_SEED
+    from pipeline.demo.warmstart import DEMO_SEED, run_warmstart
 
     run_warmstart(args.out, seed=DEMO_SEED if args.seed is None else args.seed)
     return 0
@@ -55,7 +61,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from pipeline.demo import run_demo
+    from actors.demo import run_demo
 
     run_demo(args.out, algos=args.algos.split(","), rl_minutes=args.rl_minutes, sft_minutes=args.sft_minutes)
     return 0
@@ -71,7 +77,17 @@ def cmd_config(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _plugin_commands() -> dict[str, Callable]:
+    """{command name: its `register(subparsers)` function} of installed packages that add rlpipe commands
+    (loaded only when the command is not known yet)."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep.load for ep in entry_points(group=COMMAND_GROUP)}
+
+
+def build_parser(extra_commands: Optional[dict[str, Callable]] = None) -> argparse.ArgumentParser:
+    """The parser with the built-in commands, then `extra_commands` ({name: register function that adds the
+    subparser}), then those of installed plugins; a name already taken stays with its first owner."""
     parser = argparse.ArgumentParser(prog="rlpipe", description="Ray-based RL for language models: rollout "
                                      "generators, reward scorers and learners as Ray actors.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -100,14 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--doc", action="store_true", help="print every field with its default and meaning")
     p.add_argument("overrides", nargs="*", metavar="section.field=value")
     p.set_defaults(fn=cmd_config)
-    from tuning.sweep import register_cli  # `rlpipe tune`: argparse only here; Ray loads inside the command
-
-    register_cli(sub)
+    for name, register in (extra_commands or {}).items():
+        if name not in sub.choices:
+            register(sub)
+    for name, load in _plugin_commands().items():
+        if name not in sub.choices:
+            load()(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, extra_commands: Optional[dict[str, Callable]] = None) -> int:
+    args = build_parser(extra_commands).parse_args(argv)
     try:
         return args.fn(args)
     except KeyboardInterrupt:

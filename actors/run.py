@@ -1,4 +1,8 @@
-"""One training run end to end: checks, Ray, actors, the step loop, evaluation, checkpoints, tracking."""
+"""One training run end to end: checks, Ray, actors, the step loop, evaluation, checkpoints, tracking.
+
+Uses `pipeline.preflight` (checks before anything is written), `actors.pools` (placement and start),
+`actors.driver` (the step), `pipeline.checkpoint`, `pipeline.tracking` and `pipeline.plots`.
+"""
 from __future__ import annotations
 
 import os
@@ -6,7 +10,7 @@ import shutil
 import time
 from typing import Callable, Optional
 
-from pipeline.config import RunConfig, flat_dict
+from pipeline.config import RunConfig
 from pipeline.errors import UserInputError
 
 
@@ -26,8 +30,11 @@ def init_ray(cfg: RunConfig, address: Optional[str] = None) -> bool:
         return False
     # address="local": without it ray.init joins whatever cluster /tmp/ray/ray_current_cluster names (a
     # `ray start` head or another process's Ray on this machine) and then fails on num_cpus.
+    # Progress bars of every actor's model load would interleave on the driver's console.
+    env = {"PYTHONPATH": local_pythonpath(),
+           "HF_HUB_DISABLE_PROGRESS_BARS": os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "1")}
     ray.init(address="local", num_cpus=cfg.resources.num_cpus or os.cpu_count(), include_dashboard=False,
-             logging_level="WARNING", runtime_env={"env_vars": {"PYTHONPATH": local_pythonpath()}})
+             logging_level="WARNING", runtime_env={"env_vars": env})
     return True
 
 
@@ -63,29 +70,29 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool):
 
 
 def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, address: Optional[str] = None,
-                 on_step: Optional[Callable] = None, own_placement_group: bool = True,
-                 parent_run_id: Optional[str] = None, log: Callable = print) -> dict:
+                 on_step: Optional[Callable] = None, log: Callable = print) -> dict:
     """Train until `train.steps` or `train.time_budget_s`. Returns a summary dict.
 
-    `on_step(step, metrics, trainer)` is called after each logged step (Ray Tune reports through it).
+    `on_step(step, metrics, trainer)` is called after each logged step (a Ray Tune trial reports through
+    it, a benchmark collects its figures).
     """
     import ray
 
     from ray.exceptions import RayActorError
 
+    from actors.driver import Trainer
     from actors.pools import start_actors
     from actors.resilient import ActorLost
     from pipeline.checkpoint import latest_checkpoint, load_checkpoint
-    from pipeline.driver import Trainer
     from pipeline.preflight import preflight
-    from pipeline.tracking import ConsoleLog, Tracker
+    from pipeline.tracking import ConsoleLog, Tracker, flatten_config
 
-    train_table, eval_table, _ = preflight(cfg)          # nothing is written before these checks pass
+    train_table, eval_table, _ = preflight(cfg, log)     # nothing is written before these checks pass
     ckpt = prepare_run_dir(cfg, resume, overwrite)
     started_ray = init_ray(cfg, address)
     pools = None
     try:
-        pools = start_actors(cfg, own_placement_group=own_placement_group)
+        pools = start_actors(cfg)
         pools.wait_ready()                              # model-load errors surface before the run dir exists
         run_dir = cfg.train.output_dir
         os.makedirs(run_dir, exist_ok=True)
@@ -96,10 +103,10 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                           run_name=cfg.tracking.run_name or os.path.basename(os.path.abspath(run_dir)),
                           tracking_uri=cfg.tracking.tracking_uri,
                           resume_run_id=ckpt.extra["mlflow_run_id"] if ckpt else None,
-                          parent_run_id=parent_run_id)
+                          parent_run_id=cfg.tracking.parent_run_id)
         with tracker:
             if ckpt is None:
-                tracker.log_params(flat_dict(cfg))
+                tracker.log_params(flatten_config(cfg.to_dict()))
                 tracker.log_artifact(config_path)
             console = ConsoleLog(total_steps=cfg.train.steps, time_budget_s=cfg.train.time_budget_s)
             recoveries = 0
@@ -120,7 +127,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                     log(f"step {trainer.step_count + 1}: an actor was lost ({type(err).__name__}); restarting the "
                         f"actors from {path or 'the start'} (recovery {recoveries}/{cfg.checkpoint.recoveries})")
                     pools.shutdown()
-                    pools = start_actors(cfg, own_placement_group=own_placement_group)
+                    pools = start_actors(cfg)
                     pools.wait_ready()
                     ckpt = load_checkpoint(path) if path else None
     finally:
@@ -155,7 +162,7 @@ def _loop(cfg: RunConfig, trainer, tracker, run_dir: str, on_step, log) -> dict:
         tracker.log_metrics(step, {k: v for k, v in metrics.items() if v is not None})
         trainer.console.log(step, metrics)
         if t.log_samples_every and step % t.log_samples_every == 0:
-            tracker.log_table(trainer.samples, f"rollouts_step_{step:06d}")
+            tracker.log_table(trainer.samples(), f"rollouts_step_{step:06d}")
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             trainer.save(run_dir)
             last_saved = step
@@ -164,11 +171,9 @@ def _loop(cfg: RunConfig, trainer, tracker, run_dir: str, on_step, log) -> dict:
     if last_saved != trainer.step_count:
         trainer.save(run_dir)
     final_dir = os.path.join(run_dir, "final_model")
-    import ray
-
     from pipeline.checkpoint import write_folder
 
-    write_folder(ray.get(trainer.pools.learner.hf_files.remote()), final_dir)   # the learner may be on another node
+    write_folder(trainer.learners.hf_files(), final_dir)   # the learner may be on another node
     tracker.log_artifact(final_dir, "final_model")
     history = tracker.history.get("eval/accuracy", [])
     elapsed = dict(tracker.history.get("time/elapsed_s", []))

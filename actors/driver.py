@@ -1,0 +1,230 @@
+"""The synchronous training loop: sample -> generate -> score -> reference/values -> advantages -> update
+-> sync weights -> log, with evaluation and checkpoints.
+
+`Trainer.step` is the whole algorithm on one screen; each stage is a short method with its own timer. All
+remote calls of a stage are submitted first and gathered once. The learners are one `LearnerGroup`; the
+weights' way to the generators is `WeightSync`'s.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+import ray
+import torch
+
+from actors.learner_group import LearnerGroup
+from actors.resilient import ShardCall, gather
+from actors.weight_sync import WeightSync
+from pipeline.algorithms.advantages import AdvantageInputs, compute_advantages, place_sequence_reward
+from pipeline.algorithms.core import kl_penalty, masked_mean
+from pipeline.batch import Rollout, TrainBatch, concat_rollouts, split_indices
+from pipeline.config import RunConfig, learner_old_logprobs
+from pipeline.rewards import merge_scored_shards
+
+
+class StageTimer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, pools, train_table, eval_table, tracker, console):
+        from pipeline.data import PromptSampler
+
+        self.cfg, self.pools, self.tracker, self.console = cfg, pools, tracker, console
+        self.sampler = PromptSampler(train_table, cfg.rollout.prompts_per_step, cfg.data.seed)
+        self.extra_columns = [c for c in train_table.column_names if c != cfg.data.prompt_column]
+        self.eval_rows = self._eval_rows(eval_table)
+        self.learners = LearnerGroup(pools.learners)
+        self.weights = WeightSync(cfg, self.learners, pools.generators, self._gather)
+        self.recompute_old_logprobs = learner_old_logprobs(cfg)
+        self.step_count = 0
+        self.elapsed_s = 0.0               # training seconds, carried across resumes
+        self.resent_shards = 0             # shards resent after an actor died, over the whole run
+        self.last_batch: TrainBatch | None = None
+
+    def _eval_rows(self, table):
+        if table is None:
+            return None
+        return table.column(self.cfg.data.prompt_column).to_pylist(), [str(a) for a in table.column("answer").to_pylist()]
+
+    @property
+    def version(self) -> int:
+        """The policy version the generators hold (one learner update per step)."""
+        return self.weights.version
+
+    # ------------------------------------------------------------------------------------ the step
+    def step(self) -> dict[str, float]:
+        t = StageTimer()
+        with t("sample"):           # B prompt rows from the pool, in a resumable order
+            rows = self.sampler.next_batch()
+        with t("generate"):         # G completions per prompt, prompts sharded over the generators
+            rollout = self.generate(rows)
+        with t("score"):            # sequence rewards, completions sharded over the scorers
+            batch, reward_stats = self.score(rollout, rows)
+        with t("reference"):        # values, pi_old (when recomputed) and frozen log-probs, in parallel
+            ref_stats = self.reference_and_values(batch)
+        with t("advantages"):       # token rewards (KL in reward) and the configured estimator
+            self.advantages(batch)
+        with t("update"):           # epochs x minibatches on the K data-parallel learners
+            stats = self.learners.update(batch)
+        with t("sync"):             # new weights to every generator, version and checksum checked
+            sync = self.weights.sync()
+        self.step_count += 1
+        self.last_batch = batch
+        return self.metrics(rollout, {**reward_stats, **ref_stats, **stats, **sync}, t.seconds)
+
+    # ------------------------------------------------------------------------------------ stages
+    def generate(self, rows: list[dict]) -> Rollout:
+        G, pc = self.cfg.rollout.samples_per_prompt, self.cfg.data.prompt_column
+        calls = []
+        for gen, prompt_range in zip(self.pools.generators, split_indices(len(rows), len(self.pools.generators))):
+            if not prompt_range:
+                continue
+            prompts = [rows[b][pc] for b in prompt_range for _ in range(G)]     # (n,) each prompt G times
+            groups = [b for b in prompt_range for _ in range(G)]
+            index = [b * G + g for b in prompt_range for g in range(G)]         # global sequence position
+            calls.append(ShardCall(gen, "generate", (prompts, groups, index, self.step_count)))
+        rollout = concat_rollouts(self._gather(calls, self.weights.restore_generator))
+        if rollout.policy_version != self.version:
+            raise RuntimeError(f"step {self.step_count + 1}: rollout generated by policy version "
+                               f"{rollout.policy_version}, the learners are at {self.version} (stale weights)")
+        return rollout
+
+    def score(self, rollout: Rollout, rows: list[dict]) -> tuple[TrainBatch, dict[str, float]]:
+        """Every sample scored exactly once, by the reward functions on the dataset's prompt (text or
+        messages, as in the file) and its columns; `reward.on_failure=drop` then removes failed samples."""
+        G, N, pc = self.cfg.rollout.samples_per_prompt, len(rollout.prompts), self.cfg.data.prompt_column
+        prompts = [rows[i // G][pc] for i in range(N)]
+        columns = {c: [rows[i // G][c] for i in range(N)] for c in self.extra_columns}
+        calls = [ShardCall(scorer, "score_shard", (list(r), prompts[r.start:r.stop], rollout.completions[r.start:r.stop],
+                                                   {c: v[r.start:r.stop] for c, v in columns.items()}))
+                 for scorer, r in zip(self.pools.scorers, split_indices(N, len(self.pools.scorers))) if r]
+        scored = merge_scored_shards(N, self._gather(calls))        # raises unless each sample scored once
+        scores, failed = torch.tensor(scored.scores, dtype=torch.float32), torch.tensor(scored.failed)
+        batch = TrainBatch(rollout=rollout, scores=scores, score_failed=failed)
+        stats = {"reward/mean": scores.mean().item(), "reward/std": scores.std().item() if N > 1 else 0.0,
+                 "reward/failed": int(failed.sum()),
+                 "reward/solved_groups": _solved_fraction(scores, rollout.group_ids)}
+        if len(scored.per_function) > 1:   # one function: its mean is reward/mean
+            for name, values in scored.per_function.items():
+                ok = [v for v in values if v is not None]
+                if ok:
+                    stats[f"reward/fn/{name}"] = sum(ok) / len(ok)
+        if self.cfg.reward.on_failure == "drop" and failed.any():
+            batch = batch.keep_rows(~failed)
+            stats["reward/dropped"] = int(failed.sum())
+        return batch, stats
+
+    def reference_and_values(self, batch: TrainBatch) -> dict[str, float]:
+        """Rollout-time values and (when recomputed) pi_old from the learners, log pi_ref from the reference:
+        submitted together, gathered once."""
+        r = batch.rollout
+        batch.old_logprobs = r.logprobs
+        if batch.num_sequences == 0:
+            return {}
+        refs = [self.learners.submit_rollout_forward(r, self.recompute_old_logprobs)]
+        if self.pools.reference is not None:
+            refs.append(self.pools.reference.logprobs.remote(r))
+        learned, *ref = ray.get(refs)
+        batch.values = learned["values"]
+        batch.ref_logprobs = ref[0] if ref else None
+        if learned["old_logprobs"] is None:
+            return {}
+        batch.old_logprobs = learned["old_logprobs"]
+        # How far the sampler's log-probs were from the learner's (bf16 decode vs full forward, an engine).
+        gap = (batch.old_logprobs - r.logprobs).abs()
+        return {"policy/sampler_logprob_gap": masked_mean(gap, r.completion_mask).item()}
+
+    def advantages(self, batch: TrainBatch) -> None:
+        a, r = self.cfg.algorithm, batch.rollout
+        mask = r.completion_mask
+        token_rewards = place_sequence_reward(batch.scores, mask)                      # (N, T)
+        if a.kl_in_reward and batch.ref_logprobs is not None:
+            kl = kl_penalty(batch.old_logprobs, batch.ref_logprobs, a.kl_estimator) * mask
+            token_rewards = token_rewards - a.kl_coef * kl
+        if batch.num_sequences == 0:
+            batch.advantages = batch.returns = token_rewards
+            return
+        batch.advantages, batch.returns = compute_advantages(a.name, AdvantageInputs(
+            token_rewards=token_rewards, mask=mask, group_ids=r.group_ids, values=batch.values,
+            gamma=a.gamma, lam=a.lam, scale_by_std=a.scale_by_std))
+
+    def evaluate(self) -> float | None:
+        """Greedy exact match on the held-out prompts, sharded over the generators."""
+        if self.eval_rows is None:
+            return None
+        prompts, answers = self.eval_rows
+        max_new = self.cfg.rollout.eval_max_new_tokens or self.cfg.rollout.max_new_tokens
+        gens = self.pools.generators
+        calls = [ShardCall(g, "count_correct", (prompts[s.start:s.stop], answers[s.start:s.stop], max_new))
+                 for g, s in zip(gens, split_indices(len(prompts), len(gens)))]
+        return sum(self._gather(calls, self.weights.restore_generator)) / len(prompts)
+
+    def _gather(self, calls: list[ShardCall], restore=None) -> list:
+        """All results in order; shards of actors that died mid-call are resent to the restarted actor."""
+        results, resent = gather(calls, restore)
+        self.resent_shards += resent
+        return results
+
+    # ------------------------------------------------------------------------------------ metrics
+    def metrics(self, rollout: Rollout, stats: dict, seconds: dict) -> dict[str, float]:
+        mask = rollout.completion_mask
+        step_s = sum(seconds.values())
+        m = {
+            "completion/length": mask.sum(1).float().mean().item(),
+            "throughput/tokens_per_s": int(mask.sum()) / max(seconds["generate"], 1e-9),
+            "throughput/samples_per_s": len(rollout.prompts) / max(step_s, 1e-9),
+            "time/step_s": step_s, "policy/version": self.version, "fault/resent_shards": self.resent_shards,
+        }
+        if self.last_batch is not None and self.last_batch.num_sequences:
+            m["advantage/mean"] = masked_mean(self.last_batch.advantages, self.last_batch.rollout.completion_mask).item()
+        m.update({f"time/{k}_s": v for k, v in seconds.items()})
+        m.update(stats)
+        return m
+
+    def samples(self) -> list[dict]:
+        """The last step's rollouts as rows (prompt, completion, reward), for the Parquet artifact."""
+        b = self.last_batch
+        if b is None:
+            return []
+        return [{"step": self.step_count, "prompt": p, "completion": c, "reward": s}
+                for p, c, s in zip(b.rollout.prompts, b.rollout.completions, b.scores.tolist())]
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def save(self, run_dir: str) -> str:
+        from pipeline.checkpoint import capture_rng_state, save_checkpoint
+
+        models, optimizers = self.learners.state()
+        extra = {"step": self.step_count, "policy_version": self.version, "elapsed_s": self.elapsed_s,
+                 "sampler": self.sampler.state_dict(), "mlflow_run_id": self.tracker.run_id}
+        return save_checkpoint(os.path.join(run_dir, "checkpoints"), self.step_count, models=models,
+                               optimizers=optimizers, rng=capture_rng_state(), extra=extra,
+                               keep_last=self.cfg.checkpoint.keep_last)
+
+    def restore(self, ckpt) -> None:
+        from pipeline.checkpoint import restore_rng
+
+        version = ckpt.extra["policy_version"]
+        self.learners.load_state(ckpt.models, ckpt.optimizers, version)
+        self.step_count = ckpt.extra["step"]
+        self.elapsed_s = ckpt.extra.get("elapsed_s", 0.0)
+        self.sampler.load_state_dict(ckpt.extra["sampler"])
+        if ckpt.rng:
+            restore_rng(ckpt.rng)
+        self.weights.resume(version)
+
+
+def _solved_fraction(scores: torch.Tensor, group_ids: torch.Tensor) -> float:
+    """Share of prompts with at least one sample scoring the step's best possible 1.0 or more (for 0/1
+    verifiers: the groups that give GRPO any signal)."""
+    best = torch.full((int(group_ids.max()) + 1,), -float("inf")).scatter_reduce(0, group_ids, scores, "amax")
+    return (best >= 1.0).float().mean().item()

@@ -1,0 +1,98 @@
+"""Prompts as the model sees them: chat-template rendering, tokenisation without a second BOS, lengths.
+
+A prompt in a dataset is either text or a conversation: a list of {"role": ..., "content": ...} messages.
+`PromptFormat` turns both into the token ids generation starts from:
+- a conversation (and, with `chat_template=True`, a text as one user message) is rendered by the tokenizer's
+  chat template with the generation prompt appended, then tokenised WITHOUT special tokens: the template
+  already writes the BOS it wants (Llama 3, Gemma, Mistral), as `apply_chat_template(tokenize=True)` does;
+- a text is tokenised with the tokenizer's special tokens (e.g. its BOS), except when the text already
+  starts with the BOS token (a prompt rendered by a template before it reached us): a second BOS degrades
+  models such as Gemma.
+Prompts are left-padded (generation appends on the right).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from pipeline.errors import UserInputError
+
+
+class PromptError(UserInputError):
+    """A prompt that cannot be rendered or does not fit the model; the message names it and the fix."""
+
+
+def is_conversation(prompt: Any) -> bool:
+    """A list of messages, each a mapping with "role" and "content"."""
+    return (isinstance(prompt, (list, tuple)) and len(prompt) > 0
+            and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt))
+
+
+class PromptFormat:
+    """How one tokenizer turns dataset prompts into text and token ids (see the module docstring)."""
+
+    def __init__(self, tokenizer, chat_template: bool = False):
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        if chat_template and not getattr(tokenizer, "chat_template", None):
+            raise PromptError("data.chat_template is true but the model's tokenizer has no chat template; set "
+                              "data.chat_template=false, or use a tokenizer folder with a chat_template")
+
+    def render(self, prompts: Sequence[Any]) -> tuple[list[str], list[bool]]:
+        """(text, rendered by the chat template?) per prompt."""
+        texts, rendered = [], []
+        for i, p in enumerate(prompts):
+            if is_conversation(p) or (self.chat_template and isinstance(p, str)):
+                messages = list(p) if is_conversation(p) else [{"role": "user", "content": p}]
+                if not getattr(self.tokenizer, "chat_template", None):
+                    raise PromptError(f"prompt {i} is a conversation but the model's tokenizer has no chat "
+                                      "template to render it; give text prompts or a tokenizer with a chat_template")
+                texts.append(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+                rendered.append(True)
+            elif isinstance(p, str):
+                texts.append(p)
+                rendered.append(False)
+            else:
+                raise PromptError(f"prompt {i} is neither text nor a list of {{role, content}} messages: {p!r:.80}")
+        return texts, rendered
+
+    def token_ids(self, prompts: Sequence[Any]) -> tuple[list[list[int]], list[str]]:
+        """Unpadded token ids per prompt, and the text each came from."""
+        texts, rendered = self.render(prompts)
+        bos = self.tokenizer.bos_token
+        specials = [not r and not (bos and t.startswith(bos)) for t, r in zip(texts, rendered)]
+        ids: list[list[int]] = [[] for _ in texts]
+        for flag in (True, False):                      # one batched tokenizer call per kind
+            rows = [i for i, s in enumerate(specials) if s == flag]
+            if rows:
+                encoded = self.tokenizer([texts[i] for i in rows], add_special_tokens=flag)["input_ids"]
+                for i, row in zip(rows, encoded):
+                    ids[i] = list(row)
+        return ids, texts
+
+    def encode(self, prompts: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """prompt_ids (n, P) long left-padded with the pad id, prompt_mask (n, P) bool, and the texts."""
+        ids, texts = self.token_ids(prompts)
+        P = max((len(row) for row in ids), default=0)
+        prompt_ids = torch.full((len(ids), P), self.tokenizer.pad_token_id, dtype=torch.long)
+        prompt_mask = torch.zeros((len(ids), P), dtype=torch.bool)
+        for i, row in enumerate(ids):
+            if row:
+                prompt_ids[i, P - len(row):] = torch.tensor(row, dtype=torch.long)
+                prompt_mask[i, P - len(row):] = True
+        return prompt_ids, prompt_mask, texts
+
+    def lengths(self, prompts: Sequence[Any]) -> list[int]:
+        """Tokens per prompt as generation sees them."""
+        return [len(row) for row in self.token_ids(prompts)[0]]
+
+
+def max_positions(model_config) -> int | None:
+    """The longest sequence (prompt + completion) the model's positions cover, or None if it names none."""
+    config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

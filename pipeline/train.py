@@ -1,7 +1,0 @@
-"""`python -m pipeline.train ...` = `rlpipe train ...`, for `ray job submit --working-dir .` without install."""
-import sys
-
-from pipeline.cli import main
-
-if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))

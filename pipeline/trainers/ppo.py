@@ -1,0 +1,260 @@
+"""The PPO-family learner: the policy objective (clipped surrogate, KL to the reference, entropy bonus) and
+the critic's value loss, on one step's scored batch. Models, optimizers, precision, micro-batches, the
+data-parallel reduction and weight export are the engines' (`pipeline.engine.TrainEngine`, one for the
+policy and, for `model.critic=separate`, one for the critic); this class keeps only the objective.
+
+Runs without Ray; `actors.shells.Learner` is its remote shell. The losses come from
+`pipeline.algorithms.core`.
+
+Data parallel: K learners (ranks) each hold the whole batch and walk the same minibatch order; each takes
+its slice of every minibatch, splits it into micro-batches (`learner.micro_batch_tokens`) and weighs each
+micro-batch's loss by its share of the whole minibatch (`shard_weight`). The engines sum the gradients over
+the "learners" group before clipping and stepping, so K ranks take exactly the step one learner takes on
+the whole minibatch in one pass, and stay identical.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from pipeline.algorithms.advantages import ADVANTAGE_ESTIMATORS
+from pipeline.algorithms.core import (aggregate_loss, clipped_policy_loss, clipped_value_loss, kl_penalty,
+                                      masked_mean, shard_weight)
+from pipeline.batch import Rollout, TrainBatch
+from pipeline.collective import DP_GROUP, SYNC_GROUP, GroupMember, send_weights, weights_spec
+from pipeline.config import RunConfig
+from pipeline.engine import TrainEngine, lr_factor
+from pipeline.models import (ValueModel, completion_forward, left_padded_positions, load_causal_lm,
+                             new_value_head, values_from_hidden)
+from pipeline.torch_env import derive_seed, resolve_device, setup_torch
+from pipeline.weights import WeightsPacket, pack_weights, state_checksum
+
+
+class PolicyLearner(GroupMember):
+    def __init__(self, cfg: RunConfig, threads: int = 1, rank: int = 0, world_size: int = 1):
+        setup_torch(threads, cfg.train.seed)   # same seed on every rank: identical initial value heads
+        self.cfg = cfg
+        self.rank, self.world_size = rank, world_size
+        self.device = resolve_device(cfg.model.device)
+        self.version = 0
+        m, lc = cfg.model, cfg.learner
+        needs_critic = ADVANTAGE_ESTIMATORS.meta(cfg.algorithm.name).get("needs_critic", False)
+        policy = load_causal_lm(m.path, dtype="float32", device=self.device, disable_dropout=m.disable_dropout)
+        extra = {}
+        if needs_critic and m.critic == "shared":
+            # A value head on the policy trunk, trained through the policy optimizer (value_coef weighs it).
+            extra["value_head"] = new_value_head(policy.config.get_text_config().hidden_size)
+        self.policy = self._engine(policy, lc.lr, extra)
+        self.value_head = self.policy.extra_modules.get("value_head")
+        self.critic = None
+        if needs_critic and m.critic == "separate":
+            critic = ValueModel(m.critic_path or m.path, disable_dropout=m.disable_dropout)
+            self.critic = self._engine(critic, lc.critic_lr)
+        self.norm = float(cfg.rollout.max_new_tokens)   # Dr.GRPO's constant: the generation budget
+
+    def _engine(self, model, lr: float, extra=None) -> TrainEngine:
+        m, lc = self.cfg.model, self.cfg.learner
+        return TrainEngine(model, lr=lr, weight_decay=lc.weight_decay, max_grad_norm=lc.max_grad_norm,
+                           compute_dtype=m.dtype, device=self.device,
+                           gradient_checkpointing=lc.gradient_checkpointing,
+                           micro_batch_tokens=lc.micro_batch_tokens, extra_modules=extra,
+                           group=lambda: self.group(DP_GROUP))
+
+    # ------------------------------------------------------------------------------------------ forwards
+    def _forward(self, r: Rollout, rows: torch.Tensor, **want) -> dict:
+        d = self.device
+        return completion_forward(self.policy.model, r.prompt_ids[rows].to(d), r.prompt_mask[rows].to(d),
+                                  r.completion_ids[rows].to(d), r.completion_mask[rows].to(d),
+                                  temperature=self.cfg.rollout.temperature, **want)
+
+    def _critic_values(self, r: Rollout, rows: torch.Tensor) -> torch.Tensor:
+        """(n, T) value of the state before each completion token, from the separate critic."""
+        d = self.device
+        ids = torch.cat([r.prompt_ids[rows], r.completion_ids[rows]], dim=1).to(d)
+        mask = torch.cat([r.prompt_mask[rows], r.completion_mask[rows]], dim=1).to(d)
+        values = self.critic.model(ids, mask.long(), left_padded_positions(mask))   # (n, P+T)
+        P, T = r.prompt_ids.shape[1], r.completion_ids.shape[1]
+        return values[:, P - 1:P + T - 1]        # the positions that predict each completion token
+
+    @torch.no_grad()
+    def rollout_forward(self, r: Rollout, old_logprobs: bool = False) -> dict:
+        """What the learner knows of a fresh rollout, before any update: {"values": (N, T) rollout-time critic
+        values or None when the estimator needs no critic, "old_logprobs": (N, T) log pi_old from this
+        learner's own forward, or None unless asked}. Micro-batched like the update."""
+        need_policy = old_logprobs or self.value_head is not None
+        values, logprobs = [], []
+        length = r.prompt_ids.shape[1] + r.completion_ids.shape[1]
+        for rows in self.policy.micro_batches(torch.arange(len(r.prompts)), length):
+            if need_policy:
+                with self.policy.autocast():
+                    out = self._forward(r, rows, want_hidden=self.value_head is not None)
+                logprobs.append(out["logprobs"].float().cpu())
+                if self.value_head is not None:
+                    values.append(values_from_hidden(self.value_head, out["hidden"]).cpu())
+            if self.critic is not None:
+                with self.critic.autocast():
+                    values.append(self._critic_values(r, rows).float().cpu())
+        return {"values": torch.cat(values) if values else None,
+                "old_logprobs": torch.cat(logprobs) if old_logprobs and logprobs else None}
+
+    # ------------------------------------------------------------------------------------------ update
+    def update(self, batch: TrainBatch) -> dict[str, float]:
+        """Epochs x minibatches of clipped policy (and value) updates. Returns mean metrics."""
+        lc, r = self.cfg.learner, batch.rollout
+        if r.policy_version != self.version:
+            raise RuntimeError(f"rollout from policy version {r.policy_version}, learner is at {self.version}: "
+                               "a stale rollout in synchronous mode means weights were not synced")
+        lr = lc.lr * lr_factor(self.version, lc.warmup_steps)
+        self.policy.set_lr(lr)
+        n, mask = batch.num_sequences, r.completion_mask
+        gen = torch.Generator().manual_seed(derive_seed(self.cfg.train.seed, self.version))
+        # Every rank reports the same names (it takes part in the sum below even with no rows of its own).
+        sums = {k: 0.0 for k in self._stat_names(batch)}
+        minibatches = 0
+        for _ in range(lc.epochs):
+            for full in torch.randperm(n, generator=gen).split(lc.minibatch_size):   # same order on every rank
+                rows = full.tensor_split(self.world_size)[self.rank]
+                for k, v in self._minibatch(batch, rows, mask[full]).items():
+                    sums[k] += v
+                minibatches += 1
+        self.version += 1
+        if self.world_size > 1:         # each rank's figures are weighted by its share: their sum is the whole's
+            names = sorted(sums)
+            totals = torch.tensor([sums[k] for k in names], dtype=torch.float64, device=self.device)
+            self.group(DP_GROUP).all_reduce_sum_(totals)
+            sums = dict(zip(names, totals.cpu().tolist()))
+        metrics = {k: v / max(minibatches, 1) for k, v in sums.items()}
+        metrics["optim/lr"] = lr
+        metrics["optim/skipped_steps"] = float(self.policy.skipped_steps)
+        return metrics
+
+    def _stat_names(self, batch: TrainBatch) -> list[str]:
+        names = ["policy/loss", "policy/entropy", "policy/clip_frac", "policy/approx_kl", "optim/grad_norm"]
+        if batch.ref_logprobs is not None:
+            names.append("policy/kl")
+        if self.value_head is not None or self.critic is not None:
+            names += ["value/loss", "value/clip_frac"]
+        if self.critic is not None:
+            names += ["value/grad_norm", "value/mean"]
+        return names
+
+    def _minibatch(self, batch: TrainBatch, rows: torch.Tensor, full_mask: torch.Tensor) -> dict[str, float]:
+        """One optimizer step (per engine) on this rank's `rows` of a minibatch whose masks are `full_mask`.
+        Figures come weighted by this rank's share of the minibatch."""
+        r, agg = batch.rollout, self.cfg.algorithm.loss_agg
+        length = r.prompt_ids.shape[1] + r.completion_ids.shape[1]
+        share = shard_weight(r.completion_mask[rows], full_mask, agg) if len(rows) else 0.0
+        stats: dict[str, float] = {}
+
+        def add(figures: dict, weight: float) -> None:
+            for k, v in figures.items():
+                stats[k] = stats.get(k, 0.0) + weight * v
+
+        for part in self.policy.micro_batches(rows, length):
+            weight = shard_weight(r.completion_mask[part], full_mask, agg)
+            add(self._policy_loss(batch, part, weight), weight)
+        add({"optim/grad_norm": self.policy.step()["grad_norm"]}, share)    # an empty rank joins the all-reduce
+        if self.critic is not None:
+            for part in self.critic.micro_batches(rows, length):
+                weight = shard_weight(r.completion_mask[part], full_mask, agg)
+                add(self._value_loss(batch, part, weight), weight)
+            add({"value/grad_norm": self.critic.step()["grad_norm"]}, share)
+        return stats
+
+    def _policy_loss(self, batch: TrainBatch, rows: torch.Tensor, weight: float) -> dict[str, float]:
+        """Forward and backward of the policy objective on `rows` (a micro-batch), its loss weighted by
+        `weight`. The entropy term enters the graph only with a coefficient: 0 * NaN would still be NaN, and
+        its (n, T, V) softmax would be kept for the backward pass for nothing."""
+        a, d, r = self.cfg.algorithm, self.device, batch.rollout
+        mask = r.completion_mask[rows].to(d)
+        old = (batch.old_logprobs if batch.old_logprobs is not None else r.logprobs)[rows].to(d)
+        with self.policy.autocast():
+            out = self._forward(r, rows, want_entropy=True, entropy_grad=a.entropy_coef > 0,
+                                want_hidden=self.value_head is not None)
+        logprobs = out["logprobs"]
+        pg_loss, pg = clipped_policy_loss(logprobs, old, batch.advantages[rows].to(d), mask, a.clip_range,
+                                          clip_range_high=a.clip_range_high, dual_clip=a.dual_clip,
+                                          agg=a.loss_agg, norm=self.norm)
+        entropy = aggregate_loss(out["entropy"], mask, a.loss_agg, self.norm)
+        loss = pg_loss - a.entropy_coef * entropy if a.entropy_coef > 0 else pg_loss
+        stats = {"policy/loss": pg_loss.item(), "policy/entropy": entropy.item(),
+                 "policy/clip_frac": pg["clip_frac"], "policy/approx_kl": pg["approx_kl"]}
+        if batch.ref_logprobs is not None:
+            kl = aggregate_loss(kl_penalty(logprobs, batch.ref_logprobs[rows].to(d), a.kl_estimator), mask,
+                                a.loss_agg, self.norm)
+            stats["policy/kl"] = kl.item()
+            if not a.kl_in_reward:
+                loss = loss + a.kl_coef * kl
+        if self.value_head is not None:
+            v = values_from_hidden(self.value_head, out["hidden"])
+            v_loss, vs = clipped_value_loss(v, batch.values[rows].to(d), batch.returns[rows].to(d), mask,
+                                            a.value_clip, agg=a.loss_agg, norm=self.norm)
+            loss = loss + a.value_coef * v_loss
+            stats.update({"value/loss": v_loss.item(), "value/clip_frac": vs["value_clip_frac"]})
+        self.policy.backward(loss, weight)
+        return stats
+
+    def _value_loss(self, batch: TrainBatch, rows: torch.Tensor, weight: float) -> dict[str, float]:
+        """Forward and backward of the separate critic's clipped value loss on `rows`."""
+        a, d, r = self.cfg.algorithm, self.device, batch.rollout
+        mask = r.completion_mask[rows].to(d)
+        with self.critic.autocast():
+            v = self._critic_values(r, rows).float()
+        v_loss, vs = clipped_value_loss(v, batch.values[rows].to(d), batch.returns[rows].to(d), mask,
+                                        a.value_clip, agg=a.loss_agg, norm=self.norm)
+        self.critic.backward(v_loss, weight)
+        return {"value/loss": v_loss.item(), "value/clip_frac": vs["value_clip_frac"],
+                "value/mean": masked_mean(v.detach(), mask).item()}
+
+    # ------------------------------------------------------------------------------------------ weights
+    def _generator_state(self) -> dict[str, torch.Tensor]:
+        """The policy as the generators hold it: cast to model.dtype (what the checksum is computed on)."""
+        return self.policy.export_state(self.cfg.model.dtype)
+
+    def export_weights(self) -> WeightsPacket:
+        return pack_weights(self._generator_state(), self.version)
+
+    def weights_spec(self) -> list[tuple[str, tuple, str]]:
+        return weights_spec(self._generator_state())
+
+    def broadcast_weights(self) -> dict:
+        """Send the policy to the generators over the "weights" group (rank 0 of it). -> version, checksum,
+        bytes, seconds spent casting, checksumming and sending."""
+        start = time.perf_counter()
+        state = self._generator_state()
+        checksum = state_checksum(state)
+        sent = send_weights(self.group(SYNC_GROUP), state, self.version, checksum)
+        return {"version": self.version, "checksum": checksum, "bytes": sent,
+                "seconds": time.perf_counter() - start}
+
+    def checksum(self) -> str:
+        return state_checksum(self._generator_state())
+
+    def state(self) -> tuple[dict, dict]:
+        """(models, optimizers) state dicts for a checkpoint."""
+        models, optimizers = self.policy.state("policy")
+        if self.critic is not None:
+            critic_models, critic_optimizers = self.critic.state("critic")
+            models.update(critic_models)
+            optimizers.update(critic_optimizers)
+        return models, optimizers
+
+    def load_state(self, models: dict, optimizers: dict, version: int) -> None:
+        self.policy.load_state("policy", models, optimizers)
+        if self.critic is not None:
+            self.critic.load_state("critic", models, optimizers)
+        self.version = version
+
+    def hf_files(self) -> dict[str, bytes]:
+        """The policy as a Hugging Face folder's files (weights in model.dtype), to be written where the
+        driver runs."""
+        import tempfile
+
+        from pipeline.models import load_tokenizer
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.policy.save_hf(os.path.join(tmp, "model"), load_tokenizer(self.cfg.model.path))
+            return {os.path.relpath(os.path.join(root, f), folder): open(os.path.join(root, f), "rb").read()
+                    for root, _, names in os.walk(folder) for f in names}
