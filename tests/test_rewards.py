@@ -81,3 +81,19 @@ def test_digit_match_gives_partial_credit_aligned_from_the_right():
     fn = REWARD_FUNCTIONS.get("digit_match")
     got = fn(["p"] * 5, ["579", "589", "79", "1579", ""], answer=["579"] * 5)
     assert got == pytest.approx([1.0, 2 / 3, 2 / 3, 3 / 4, 0.0])
+
+
+def test_scored_shards_merge_in_sample_order_and_each_sample_once():
+    from pipeline.rewards import ScoredShard, merge_scored_shards
+
+    def shard(raw):   # as the composer makes them: a failed sample scores failed_reward (0.0)
+        return ScoredShard(scores=[0.0 if v is None else v for v in raw], failed=[v is None for v in raw],
+                           per_function={"f": raw})
+
+    merged = merge_scored_shards(4, [([2, 3], shard([0.3, None])), ([0, 1], shard([0.0, 0.1]))])
+    assert merged.scores == [0.0, 0.1, 0.3, 0.0] and merged.failed == [False, False, False, True]
+    assert merged.per_function == {"f": [0.0, 0.1, 0.3, None]}
+    with pytest.raises(RuntimeError, match=r"samples \[1\] were scored \[2\] times"):
+        merge_scored_shards(3, [([0, 1], shard([0.0, 0.1])), ([1, 2], shard([0.1, 0.2]))])
+    with pytest.raises(RuntimeError, match=r"samples \[2\] were scored \[0\] times"):
+        merge_scored_shards(3, [([0, 1], shard([0.0, 0.1]))])
