@@ -54,11 +54,12 @@ def check_prompt_lengths(cfg: RunConfig, train, evaluation, log=print):
             continue
         row = max(range(len(lengths)), key=lengths.__getitem__)
         if lengths[row] + new_tokens > positions:
+            drop = (f", or set data.max_prompt_tokens={max(1, positions - new_tokens)} to drop longer training "
+                    "prompts") if field == "data.train_path" else ""
             raise PromptError(
                 f"{field} {path}: row {row} has a prompt of {lengths[row]} tokens; with {budget_field}="
                 f"{new_tokens} that is {lengths[row] + new_tokens} positions, but the model has {positions}. "
-                f"Shorten the prompts, lower {budget_field}, or set data.max_prompt_tokens="
-                f"{max(1, positions - new_tokens)} to drop longer training prompts")
+                f"Shorten the prompts or lower {budget_field}{drop}")
     return train, evaluation
 
 
