@@ -1,7 +1,10 @@
 """The offline model builders of `pipeline.small_models`: the demo's character model still works, and
 the BPE models carry the settings of a real hub model (pad == eos, two EOS ids, dropout, tied
 embeddings, a chat template that starts with BOS, clean-up on decode) that the pipeline must cope with.
-"""
+
+Named to run before every test that loads models in this process: in a long pytest process, transformers 5.24
+was seen to leave its weight-loading state behind (tied models built untied, meta tensors at load); the
+builders are tested here on a clean process state. Cause not yet found (see the closing note of issue 8)."""
 from __future__ import annotations
 
 import os
