@@ -70,6 +70,20 @@ class Consumer:
         return len(packet)
 
 
+def _wait_until_dead(actor, timeout_s: float) -> None:
+    """ray.kill is asynchronous: a call made just after it can still run on the live actor."""
+    from ray.exceptions import RayActorError
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=timeout_s)
+        except RayActorError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"actor still alive {timeout_s} s after ray.kill")
+
+
 def test_shard_whose_input_died_with_another_actor_raises_at_once(ray_with_marker):
     """Weights exported by a learner that then died: resending cannot help, so gather must not loop until
     its deadline but raise the actor error for the run's recovery."""
@@ -81,8 +95,7 @@ def test_shard_whose_input_died_with_another_actor_raises_at_once(ray_with_marke
     ray.get([producer.__ray_ready__.remote(), consumer.__ray_ready__.remote()])
     assert gather([ShardCall(consumer, "take", (producer.packet.remote(),))]) == ([7], 0)
     ray.kill(producer)
-    with pytest.raises(RayActorError):                 # ray.kill is asynchronous: wait until it is dead
-        ray.get(producer.__ray_ready__.remote(), timeout=30)
+    _wait_until_dead(producer, timeout_s=30)
     packet = producer.packet.remote()                  # holds the producer's death
     start = time.monotonic()
     with pytest.raises(RayActorError):
