@@ -142,7 +142,8 @@ def start_actors(cfg: RunConfig) -> ActorPools:
                                                                      r.learners))
         elif role == "generator":
             generators.append(RolloutWorker.options(**options(i, b, restartable=True)).remote(
-                cfg.model, cfg.rollout, cfg.data.chat_template, len(generators), cfg.train.seed, threads(b["CPU"])))
+                cfg.model, cfg.rollout, cfg.data.chat_template, len(generators), cfg.train.seed, threads(b["CPU"]),
+                cfg.vllm))
         elif role == "scorer":
             scorers.append(RewardScorer.options(**options(i, b, restartable=True)).remote(
                 cfg.reward.functions, cfg.reward.weights, cfg.reward.failed_reward))

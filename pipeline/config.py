@@ -81,8 +81,22 @@ class RolloutConfig:
     top_p: float = F(1.0, "Nucleus sampling mass. Below 1 the sampler departs from the policy (off-policy).",
                      lo=0.0, hi=1.0)
     top_k: int = F(0, "Top-k sampling; 0 = off.", lo=0)
-    backend: str = F("hf", "Generation backend by registered name (`hf` = transformers generate).")
+    backend: str = F("hf", "Generation backend by registered name: `hf` = transformers generate; `vllm` = vLLM's "
+                     "engine in each generator (options in the `vllm` section; install the extra, README).")
     eval_max_new_tokens: Optional[int] = F(None, "Greedy eval completion cap; null = max_new_tokens.")
+
+
+@dataclass
+class VLLMConfig:
+    max_model_len: Optional[int] = F(None, "Longest prompt + completion the engine plans its KV cache for; null = "
+                                     "the model's position limit.", lo=1)
+    kv_cache_gib: int = F(1, "CPU: GiB of KV cache per generator (VLLM_CPU_KVCACHE_SPACE).", lo=1)
+    gpu_memory_utilization: float = F(0.5, "GPU: share of the device's memory the engine may take (weights + KV "
+                                      "cache); leave room for a learner sharing the GPU.", lo=0.05, hi=0.99)
+    enforce_eager: Optional[bool] = F(None, "Run without CUDA graphs / compilation; null = true on CPU (engine start "
+                                      "5 s instead of 76 s), false on GPU.")
+    enable_prefix_caching: bool = F(True, "Reuse the KV cache of shared prompt prefixes (the G samples of a prompt); "
+                                    "the cache is cleared after every weight update.")
 
 
 @dataclass
@@ -116,7 +130,8 @@ class AlgorithmConfig:
                            "False: add kl_coef*KL to the loss (GRPO).")
     old_logprobs: str = F("auto", "pi_old of the importance ratio: `sampler` = the generators' log-probs; `learner` = "
                           "one no-grad learner forward before the update (verl, OpenRLHF), so the first ratio is "
-                          "exactly 1 in any dtype; `auto` = learner when model.dtype is not float32, else sampler.",
+                          "exactly 1 in any dtype; `auto` = learner when model.dtype is not float32 or the generation "
+                          "backend is not `hf` (an engine's numerics differ from the learner's), else sampler.",
                           choices=("auto", "sampler", "learner"))
     gamma: float = F(1.0, "Discount for gae / reinforce_pp.", lo=0.0, hi=1.0)
     lam: float = F(0.95, "GAE lambda.", lo=0.0, hi=1.0)
@@ -210,6 +225,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
@@ -355,6 +371,11 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = (), base
 def validate(cfg: RunConfig) -> RunConfig:
     """Checks that span fields. Names live in registries, imported here lazily to keep the CLI quick."""
     from pipeline.algorithms.advantages import ADVANTAGE_ESTIMATORS
+    from pipeline.generation import GENERATION_BACKENDS
+
+    if cfg.rollout.backend not in GENERATION_BACKENDS:
+        raise ConfigError(f"rollout.backend: {cfg.rollout.backend!r} is not a generation backend; valid: "
+                          f"{', '.join(GENERATION_BACKENDS.names())}")
 
     if cfg.algorithm.name not in ADVANTAGE_ESTIMATORS:
         raise ConfigError(f"algorithm.name: {cfg.algorithm.name!r} is not an estimator; valid: "
@@ -384,7 +405,7 @@ def validate(cfg: RunConfig) -> RunConfig:
 def learner_old_logprobs(cfg: RunConfig) -> bool:
     """Whether pi_old comes from a learner forward (True) or from the sampler (`algorithm.old_logprobs`)."""
     mode = cfg.algorithm.old_logprobs
-    return mode == "learner" or (mode == "auto" and cfg.model.dtype != "float32")
+    return mode == "learner" or (mode == "auto" and (cfg.model.dtype != "float32" or cfg.rollout.backend != "hf"))
 
 
 def config_reference_markdown() -> str:

@@ -22,6 +22,11 @@ from pipeline.registry import Registry
 
 
 class GenerationBackend(Protocol):
+    @classmethod
+    def load(cls, model_cfg, prompt_format: PromptFormat, device: str, seed: int = 0,
+             engine_cfg=None) -> "GenerationBackend":
+        """The backend holding the policy folder `model_cfg.path` (the registry's constructor)."""
+
     def sample(self, prompts: list, *, max_new_tokens: int, temperature: float, top_p: float,
                top_k: int, seed: int) -> dict:
         """prompt_ids (n,P), prompt_mask, completion_ids (n,T), completion_mask, logprobs (n,T) float32 of
@@ -41,10 +46,10 @@ class GenerationBackend(Protocol):
 GENERATION_BACKENDS: Registry[type] = Registry("generation backend")
 
 
-def eos_token_ids(model, tokenizer) -> list[int]:
-    """Every id that ends a completion: the model's generation_config (chat models list several, e.g. the
+def eos_token_ids(generation_config, tokenizer) -> list[int]:
+    """Every id that ends a completion: the model's generation config (chat models list several, e.g. the
     end-of-text and the end-of-turn token), else the tokenizer's EOS."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = getattr(generation_config, "eos_token_id", None)
     if eos is None:
         eos = tokenizer.eos_token_id
     return [eos] if isinstance(eos, int) else list(eos)
@@ -54,7 +59,7 @@ def neutral_generation_config(model, tokenizer):
     """A generation config with the special-token ids and nothing else (see the module docstring)."""
     from transformers import GenerationConfig
 
-    return GenerationConfig(eos_token_id=eos_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
+    return GenerationConfig(eos_token_id=eos_token_ids(getattr(model, "generation_config", None), tokenizer), pad_token_id=tokenizer.pad_token_id,
                             bos_token_id=tokenizer.bos_token_id)
 
 
@@ -114,7 +119,7 @@ def sample_completions(model, tokenizer, prompts: list, max_new_tokens: int, tem
     prompt_format = prompt_format or PromptFormat(tokenizer)
     prompt_ids, prompt_mask, prompt_texts = prompt_format.encode(prompts)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-    eos_ids = eos_token_ids(model, tokenizer)
+    eos_ids = eos_token_ids(getattr(model, "generation_config", None), tokenizer)
     recorder = SampledTokenLogprobs(temperature) if do_sample else None
     sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}
     was_training = model.training
@@ -158,6 +163,16 @@ class HFGenerateBackend:
         self.prompt_format = prompt_format or PromptFormat(tokenizer)
         self.model.generation_config = neutral_generation_config(model, tokenizer)
 
+    @classmethod
+    def load(cls, model_cfg, prompt_format: PromptFormat, device: str, seed: int = 0, engine_cfg=None):
+        """The policy folder as a torch module on `device`, in model.dtype, in eval mode."""
+        from pipeline.models import load_causal_lm
+
+        model = load_causal_lm(model_cfg.path, dtype=model_cfg.dtype, device=device,
+                               disable_dropout=model_cfg.disable_dropout)
+        model.eval()
+        return cls(model, prompt_format.tokenizer, prompt_format)
+
     def sample(self, prompts, *, max_new_tokens, temperature, top_p, top_k, seed):
         return sample_completions(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
                                   temperature=temperature, top_p=top_p, top_k=top_k, do_sample=True,
@@ -176,3 +191,6 @@ class HFGenerateBackend:
 
     def state_dict(self):
         return self.model.state_dict()
+
+
+from pipeline import vllm_backend as _vllm_backend  # noqa: E402,F401  registers "vllm" (vllm imports on first use)

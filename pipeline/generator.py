@@ -7,7 +7,7 @@ import torch
 
 from pipeline.batch import Rollout
 from pipeline.collective import GroupMember, receive_weights
-from pipeline.config import ModelConfig, RolloutConfig
+from pipeline.config import ModelConfig, RolloutConfig, VLLMConfig
 from pipeline.generation import GENERATION_BACKENDS
 from pipeline.prompts import PromptFormat
 from pipeline.rewards import exact_match
@@ -19,20 +19,17 @@ class RolloutGenerator(GroupMember):
     """Samples completions from the current policy through a generation backend."""
 
     def __init__(self, model_cfg: ModelConfig, rollout_cfg: RolloutConfig, chat_template: bool = False,
-                 worker_index: int = 0, seed: int = 0, threads: int = 1):
-        from pipeline.models import load_causal_lm, load_tokenizer
+                 worker_index: int = 0, seed: int = 0, threads: int = 1, engine_cfg: VLLMConfig | None = None):
+        from pipeline.models import load_tokenizer
 
         setup_torch(threads, seed)
         self.cfg = rollout_cfg
         self.worker_index = worker_index
         self.seed = seed
         self.device = resolve_device(model_cfg.device)
-        model = load_causal_lm(model_cfg.path, dtype=model_cfg.dtype, device=self.device,
-                               disable_dropout=model_cfg.disable_dropout)
-        model.eval()
-        tokenizer = load_tokenizer(model_cfg.path)
-        self.backend = GENERATION_BACKENDS.get(rollout_cfg.backend)(model, tokenizer,
-                                                                    PromptFormat(tokenizer, chat_template))
+        prompt_format = PromptFormat(load_tokenizer(model_cfg.path), chat_template)
+        self.backend = GENERATION_BACKENDS.get(rollout_cfg.backend).load(
+            model_cfg, prompt_format, self.device, seed=derive_seed(seed, worker_index), engine_cfg=engine_cfg)
         self.version = 0
 
     def generate(self, prompts: list, group_ids: list[int], sample_index: list[int], step: int) -> Rollout:

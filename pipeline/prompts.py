@@ -74,18 +74,23 @@ class PromptFormat:
     def encode(self, prompts: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """prompt_ids (n, P) long left-padded with the pad id, prompt_mask (n, P) bool, and the texts."""
         ids, texts = self.token_ids(prompts)
-        P = max((len(row) for row in ids), default=0)
-        prompt_ids = torch.full((len(ids), P), self.tokenizer.pad_token_id, dtype=torch.long)
-        prompt_mask = torch.zeros((len(ids), P), dtype=torch.bool)
-        for i, row in enumerate(ids):
-            if row:
-                prompt_ids[i, P - len(row):] = torch.tensor(row, dtype=torch.long)
-                prompt_mask[i, P - len(row):] = True
-        return prompt_ids, prompt_mask, texts
+        return (*pad_left(ids, self.tokenizer.pad_token_id), texts)
 
     def lengths(self, prompts: Sequence[Any]) -> list[int]:
         """Tokens per prompt as generation sees them."""
         return [len(row) for row in self.token_ids(prompts)[0]]
+
+
+def pad_left(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of token ids -> (n, P) long left-padded with `pad_id`, and (n, P) bool mask of the real tokens."""
+    P = max((len(row) for row in ids), default=0)
+    padded = torch.full((len(ids), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), P), dtype=torch.bool)
+    for i, row in enumerate(ids):
+        if len(row):
+            padded[i, P - len(row):] = torch.tensor(list(row), dtype=torch.long)
+            mask[i, P - len(row):] = True
+    return padded, mask
 
 
 def max_positions(model_config) -> int | None:
