@@ -133,6 +133,10 @@ class AlgorithmConfig:
                           "exactly 1 in any dtype; `auto` = learner when model.dtype is not float32 or the generation "
                           "backend is not `hf` (an engine's numerics differ from the learner's), else sampler.",
                           choices=("auto", "sampler", "learner"))
+    tis_cap: Optional[float] = F(None, "Truncated importance sampling: with pi_old recomputed by the learner, weight "
+                                 "each token's policy loss by min(pi_old / pi_sampler, tis_cap), correcting for an "
+                                 "engine that samples from slightly different numbers (Yao 2025; verl uses 2.0); "
+                                 "null = off.", lo=1.0)
     gamma: float = F(1.0, "Discount for gae / reinforce_pp.", lo=0.0, hi=1.0)
     lam: float = F(0.95, "GAE lambda.", lo=0.0, hi=1.0)
     scale_by_std: bool = F(True, "GRPO: divide group-centred scores by the group std.")
@@ -396,6 +400,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError("algorithm.kl_estimator: k1 as a loss term has zero expected gradient (E[grad log pi] = 0), "
                           "so it would not regularise anything; in the loss use k2 (gradient of KL(pi||ref)), k3 or "
                           "k3+, or set algorithm.kl_in_reward=true to use k1 in the reward")
+    if a.tis_cap is not None and not learner_old_logprobs(cfg):
+        raise ConfigError("algorithm.tis_cap: importance weights pi_old / pi_sampler are 1 when pi_old is the "
+                          "sampler's own log-probs; set algorithm.old_logprobs=learner, or tis_cap=null")
     if cfg.learner.minibatch_size < cfg.resources.learners:
         raise ConfigError(f"learner.minibatch_size: {cfg.learner.minibatch_size} sequences cannot be split over "
                           f"resources.learners={cfg.resources.learners} learners; use at least one per learner")

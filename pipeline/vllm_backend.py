@@ -102,6 +102,9 @@ class VLLMBackend:
 
         e = engine_cfg or VLLMConfig()
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(e.kv_cache_gib))
+        # vLLM sizes its CPU thread pool from OMP_NUM_THREADS (else it drops to 1): the threads the generator
+        # was given, as the hf backend uses them.
+        os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
         LLM, _, _ = import_vllm()
         config = load_model_config(model_cfg.path)
         eager = e.enforce_eager if e.enforce_eager is not None else device == "cpu"

@@ -8,6 +8,7 @@ import torch
 
 from pipeline.algorithms import (
     ADVANTAGE_ESTIMATORS, AdvantageInputs, aggregate_loss, clipped_policy_loss, clipped_value_loss,
+    truncated_importance_weights,
     compute_advantages, entropy_from_logits, gae_advantages_and_returns, kl_penalty, logprobs_from_logits,
     masked_mean, masked_sum, masked_var, masked_whiten, place_sequence_reward,
 )
@@ -415,3 +416,20 @@ def test_estimator_registry():
     assert {n: ADVANTAGE_ESTIMATORS.meta(n)["needs_critic"] for n in ADVANTAGE_ESTIMATORS} == {
         "dr_grpo": False, "gae": True, "grpo": False, "reinforce_pp": False, "rloo": False,
     }
+
+
+def test_truncated_importance_weights_by_hand():
+    old = torch.tensor([[math.log(0.5), math.log(0.2), math.log(0.3)]])
+    sampler = torch.tensor([[math.log(0.25), math.log(0.4), math.log(0.3)]])
+    # pi_old / pi_sampler = 2.0, 0.5, 1.0; the cap 1.5 truncates the first
+    close(truncated_importance_weights(old, sampler, cap=1.5), [[1.5, 0.5, 1.0]])
+
+
+def test_token_weights_scale_each_tokens_policy_loss():
+    logp, old, adv, mask = _policy_case()
+    weights = torch.tensor([[2.0, 0.0, 1.0, 0.5, 9.0]])
+    loss, _ = clipped_policy_loss(logp, old, adv, mask, clip_range=0.2, token_weights=weights)
+    # the per-token losses of test_clipped_policy_loss_by_hand (-1.2, -0.5, 1.1, 0.8), weighted; tok4 masked
+    close(loss, (2.0 * -1.2 + 0.0 * -0.5 + 1.0 * 1.1 + 0.5 * 0.8) / 4)
+    loss.backward()
+    close(logp.grad, [[0.0, 0.0, 0.275, 0.0, 0.0]])   # weight 0 removes tok1's gradient; tok2's keeps weight 1

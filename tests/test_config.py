@@ -34,6 +34,9 @@ def test_dotted_overrides_are_typed():
     (["reward.weights=[1, 2]"], "reward.weights: 2 weights for 1 functions"),
     (["rollout.samples_per_prompt=1"], "rollout.samples_per_prompt: grpo compares samples within a group"),
     (["learner.lr"], "expected section.field=value"),
+    (["rollout.backend=sglang"], "rollout.backend: 'sglang' is not a generation backend; valid: hf, vllm"),
+    (["algorithm.tis_cap=2.0", "algorithm.old_logprobs=sampler"], "algorithm.tis_cap: importance weights"),
+    (["vllm.kv_cache_gib=0"], "vllm.kv_cache_gib: 0 is out of range"),
 ])
 def test_bad_values_name_the_field(override, fragment):
     with pytest.raises(ConfigError) as err:

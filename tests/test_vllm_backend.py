@@ -141,7 +141,7 @@ def test_vllm_generators_in_a_ray_run_hold_the_learners_checksum_and_survive_a_k
     from actors.pools import start_actors
     from pipeline.data import read_prompt_table
 
-    cfg = ray_config(vllm_task, tmp_path)
+    cfg = ray_config(vllm_task, tmp_path, "algorithm.tis_cap=2.0")
     ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR",
              runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
     pools = start_actors(cfg)
@@ -155,6 +155,7 @@ def test_vllm_generators_in_a_ray_run_hold_the_learners_checksum_and_survive_a_k
             m = trainer.step()
             assert m["sync/collective"] == 1.0 and m["policy/version"] == step
             assert m["policy/sampler_logprob_gap"] < 1e-4         # float32 engine vs learner
+            assert abs(m["policy/tis_weight_mean"] - 1.0) < 1e-3 and m["policy/tis_truncated_frac"] == 0.0
             learner_sum = ray.get(pools.learner.export_weights.remote()).checksum
             assert ray.get([g.weights_checksum.remote() for g in pools.generators]) == [learner_sum] * 2
         pid = ray.get(pools.generators[0].pid.remote())

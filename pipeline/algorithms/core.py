@@ -9,6 +9,9 @@ Variants implemented:
   of DAPO (Yu et al. 2025, arXiv:2503.14476) and the dual-clip for negative advantages (Ye et al. 2020,
   arXiv:1912.09729), in the form verl uses.
 - Clipped value loss as in OpenAI baselines / OpenRLHF `ValueLoss`.
+- Truncated importance sampling (TIS; Yao et al. 2025, "Your efficient RL framework secretly brings you
+  off-policy RL training"): when an engine samples and the learner recomputes pi_old, the samples came from
+  the engine's slightly different distribution; each token's loss is weighted by min(pi_old / pi_engine, C).
 - KL estimators k1, k2, k3 from Schulman, "Approximating KL Divergence" (2020,
   http://joschu.net/blog/kl-approx.html), and verl's straight-through "k3+". Which fits where:
     in the reward (a value, no gradient through it): k1 (unbiased, the InstructGPT / OpenRLHF choice) or k3;
@@ -188,6 +191,7 @@ def clipped_policy_loss(
     dual_clip: Optional[float] = None,
     agg: str = "token-mean",
     norm: Optional[float] = None,
+    token_weights: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO-clip surrogate loss (to minimise), with DAPO clip-higher and optional dual-clip.
 
@@ -196,6 +200,7 @@ def clipped_policy_loss(
     ratio r = exp(logprobs - old_logprobs); per token
         loss = max(-A r, -A clip(r, 1 - clip_range, 1 + clip_range_high))    (clip_range_high defaults to clip_range)
     and with dual_clip = c > 1, for A < 0 only: loss = min(loss, -A c), bounding the loss when r >> 1 (Ye et al.).
+    token_weights: (N, T) float without gradient (e.g. `truncated_importance_weights`) multiply each token's loss.
     Returns (scalar loss aggregated by `agg` (`norm`: see `aggregate_loss`), stats) with stats as Python floats over valid tokens:
     clip_frac (the clipped term was the larger one), dual_clip_frac (the dual bound was active),
     approx_kl (mean 0.5 (log r)^2), ratio_mean.
@@ -214,6 +219,8 @@ def clipped_policy_loss(
         pg_dual = -advantages * dual_clip
         dual_active = (advantages < 0) & (pg_dual < loss_mat)
         loss_mat = torch.where(advantages < 0, torch.minimum(loss_mat, pg_dual), loss_mat)
+    if token_weights is not None:
+        loss_mat = loss_mat * token_weights
     loss = aggregate_loss(loss_mat, mask, agg, norm)
 
     with torch.no_grad():
@@ -225,6 +232,16 @@ def clipped_policy_loss(
             "ratio_mean": masked_mean(ratio, mask).item(),
         }
     return loss, stats
+
+
+def truncated_importance_weights(old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor,
+                                 cap: float) -> torch.Tensor:
+    """(N, T) min(pi_old / pi_sampler, cap) per token, without gradient (TIS, see the module docstring).
+
+    old_logprobs: the learner's log pi_old; sampler_logprobs: the log-probs the engine sampled with. The cap
+    bounds the variance a token the engine under-sampled would add; tokens the engine over-sampled get < 1."""
+    log_ratio = (old_logprobs - sampler_logprobs).detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return torch.exp(log_ratio).clamp(max=cap)
 
 
 def clipped_value_loss(

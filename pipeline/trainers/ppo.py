@@ -21,7 +21,7 @@ import torch
 
 from pipeline.algorithms.advantages import ADVANTAGE_ESTIMATORS
 from pipeline.algorithms.core import (aggregate_loss, clipped_policy_loss, clipped_value_loss, kl_penalty,
-                                      masked_mean, shard_weight)
+                                      masked_mean, shard_weight, truncated_importance_weights)
 from pipeline.batch import Rollout, TrainBatch
 from pipeline.collective import DP_GROUP, SYNC_GROUP, GroupMember, send_weights, weights_spec
 from pipeline.config import RunConfig
@@ -174,13 +174,17 @@ class PolicyLearner(GroupMember):
             out = self._forward(r, rows, want_entropy=True, entropy_grad=a.entropy_coef > 0,
                                 want_hidden=self.value_head is not None)
         logprobs = out["logprobs"]
+        tis = truncated_importance_weights(old, r.logprobs[rows].to(d), a.tis_cap) if a.tis_cap else None
         pg_loss, pg = clipped_policy_loss(logprobs, old, batch.advantages[rows].to(d), mask, a.clip_range,
                                           clip_range_high=a.clip_range_high, dual_clip=a.dual_clip,
-                                          agg=a.loss_agg, norm=self.norm)
+                                          agg=a.loss_agg, norm=self.norm, token_weights=tis)
         entropy = aggregate_loss(out["entropy"], mask, a.loss_agg, self.norm)
         loss = pg_loss - a.entropy_coef * entropy if a.entropy_coef > 0 else pg_loss
         stats = {"policy/loss": pg_loss.item(), "policy/entropy": entropy.item(),
                  "policy/clip_frac": pg["clip_frac"], "policy/approx_kl": pg["approx_kl"]}
+        if tis is not None:
+            stats["policy/tis_weight_mean"] = masked_mean(tis, mask).item()
+            stats["policy/tis_truncated_frac"] = masked_mean((tis >= a.tis_cap).float(), mask).item()
         if batch.ref_logprobs is not None:
             kl = aggregate_loss(kl_penalty(logprobs, batch.ref_logprobs[rows].to(d), a.kl_estimator), mask,
                                 a.loss_agg, self.norm)
