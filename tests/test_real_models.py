@@ -157,6 +157,21 @@ def test_completion_text_is_not_cleaned_up(bpe_task):
     assert decode_completions(tok, ids) == ["a , b ."]
 
 
+def test_truncated_importance_weights_reach_the_policy_loss(bpe_task):
+    """algorithm.tis_cap: tokens the sampler gave e^1 less probability than pi_old weigh min(e, 2) = 2."""
+    cfg = bpe_config(bpe_task, "algorithm.old_logprobs=learner", "algorithm.tis_cap=2.0")
+    batch = scored_batch(cfg)
+    r, half = batch.rollout, batch.num_sequences // 2
+    shifted = r.logprobs.clone()
+    shifted[:half] -= 1.0
+    batch.rollout = dataclasses.replace(r, logprobs=shifted)            # what an engine sampled with
+    metrics = update(PolicyLearner(cfg), batch)
+    mask = r.completion_mask
+    share = mask[:half].sum().item() / mask.sum().item()
+    assert metrics["policy/tis_truncated_frac"] == pytest.approx(share, abs=1e-6)
+    assert metrics["policy/tis_weight_mean"] == pytest.approx(2.0 * share + (1 - share), abs=1e-4)
+
+
 # ----------------------------------------------------------------------------------------- dropout
 
 @pytest.mark.parametrize("disable", [True, False])

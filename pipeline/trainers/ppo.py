@@ -134,6 +134,8 @@ class PolicyLearner(GroupMember):
         names = ["policy/loss", "policy/entropy", "policy/clip_frac", "policy/approx_kl", "optim/grad_norm"]
         if batch.ref_logprobs is not None:
             names.append("policy/kl")
+        if self.cfg.algorithm.tis_cap:
+            names += ["policy/tis_weight_mean", "policy/tis_truncated_frac"]
         if self.value_head is not None or self.critic is not None:
             names += ["value/loss", "value/clip_frac"]
         if self.critic is not None:
