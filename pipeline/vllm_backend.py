@@ -22,6 +22,7 @@ names any parameter that does not map.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional
 
@@ -106,6 +107,10 @@ class VLLMBackend:
         # was given, as the hf backend uses them.
         os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
         LLM, _, _ = import_vllm()
+        # Every reload warns "RotaryEmbedding: Failed to load weights": its cos/sin cache is a buffer no
+        # checkpoint holds, and vLLM puts it back. A layer that really missed its weights fails the read-back
+        # checksum instead, so the warning carries nothing a user could act on each step.
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
         config = load_model_config(model_cfg.path)
         eager = e.enforce_eager if e.enforce_eager is not None else device == "cpu"
         llm = LLM(model=model_cfg.path, tokenizer=model_cfg.path, dtype=model_cfg.dtype, seed=seed,
