@@ -59,8 +59,8 @@ def neutral_generation_config(model, tokenizer):
     """A generation config with the special-token ids and nothing else (see the module docstring)."""
     from transformers import GenerationConfig
 
-    return GenerationConfig(eos_token_id=eos_token_ids(getattr(model, "generation_config", None), tokenizer), pad_token_id=tokenizer.pad_token_id,
-                            bos_token_id=tokenizer.bos_token_id)
+    return GenerationConfig(eos_token_id=eos_token_ids(getattr(model, "generation_config", None), tokenizer),
+                            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
 
 
 def decode_completions(tokenizer, completion_ids: torch.Tensor) -> list[str]:

