@@ -47,6 +47,56 @@ def cmd_warmstart(args) -> int:
     return 0
 
 
+def add_config_flags(p: argparse.ArgumentParser, cls) -> None:
+    """One --flag per field of a run-settings dataclass, its help the field's doc (documented once)."""
+    import dataclasses
+
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        shown = "" if default in (None, "") else f" (default {default})"
+        choices = f" One of: {', '.join(f.metadata['choices'])}." if f.metadata.get("choices") else ""
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, metavar="VALUE"
+                       if f.type not in ("bool", bool) else "true|false", help=(f.metadata["doc"] + choices + shown).replace("%", "%%"))
+
+
+def config_from_args(cls, args, settings_name: str):
+    """The run settings: the resumed run's saved ones (if --resume), then every flag given on the command line."""
+    import dataclasses
+    import typing
+
+    from pipeline.config import _parse_scalar
+    from pipeline.supervised_runs import build_run_config, read_run_settings
+
+    values = dataclasses.asdict(read_run_settings(cls, args.resume, settings_name)) if args.resume else {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        raw = getattr(args, f.name)
+        if raw is not None:
+            text_field = hints[f.name] in (str, typing.Optional[str])
+            values[f.name] = raw if text_field and raw != "null" else _parse_scalar(raw)
+    if args.resume:
+        values["out"] = args.resume
+    return build_run_config(cls, values)
+
+
+def cmd_sft(args) -> int:
+    from pipeline.supervised_runs import SFTConfig, run_sft
+
+    run_sft(config_from_args(SFTConfig, args, "sft.yaml"), resume=bool(args.resume), overwrite=args.overwrite)
+    return 0
+
+
+def cmd_init_model(args) -> int:
+    from pipeline.task_model import init_model
+
+    info = init_model(args.data, args.out, tokenizer=args.tokenizer, size=args.size, vocab_size=args.vocab_size,
+                      max_positions=args.max_positions, seed=args.seed)
+    print(f"{info['path']}: {info['parameters'] / 1e6:.2f} M-parameter Llama, {info['tokenizer']} tokenizer of "
+          f"{info['vocab_size']} entries, context {info['max_positions']} (longest data row: "
+          f"{info['longest_row_tokens']} tokens)")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from pipeline.data import read_prompt_table
     from pipeline.evaluation import exact_match_accuracy
@@ -77,6 +127,12 @@ def cmd_config(args) -> int:
     return 0
 
 
+def _sft_config():
+    from pipeline.supervised_runs import SFTConfig
+
+    return SFTConfig
+
+
 def _plugin_commands() -> dict[str, Callable]:
     """{command name: its `register(subparsers)` function} of installed packages that add rlpipe commands
     (loaded only when the command is not known yet)."""
@@ -98,6 +154,24 @@ def build_parser(extra_commands: Optional[dict[str, Callable]] = None) -> argpar
     p.add_argument("--out", default="runs/demo", help="folder for data/, init/, warm/ (default runs/demo)")
     p.add_argument("--seed", type=int, default=None, help="seed of data, init and training (default: the demo's measured seed)")
     p.set_defaults(fn=cmd_warmstart)
+    p = sub.add_parser("init-model", help="a new small model whose tokenizer covers your data (offline)")
+    p.add_argument("--data", required=True, nargs="+", help="Parquet / JSON-lines files whose text the tokenizer "
+                   "must cover (every text column, chat messages included)")
+    p.add_argument("--out", required=True, help="folder for the Hugging Face model")
+    p.add_argument("--tokenizer", default="char", choices=("char", "bpe"),
+                   help="char: one token per character found; bpe: byte-level BPE fitted to the data (default char)")
+    p.add_argument("--size", default="tiny", choices=("tiny", "small", "base"),
+                   help="tiny ~0.8 M parameters (the demo's), small ~5 M, base ~25 M (default tiny)")
+    p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size (default 1024)")
+    p.add_argument("--max-positions", type=int, default=None,
+                   help="context length (default: twice the longest data row, rounded up to 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights (default 0)")
+    p.set_defaults(fn=cmd_init_model)
+    p = sub.add_parser("sft", help="supervised fine-tuning of a causal LM on your demonstrations")
+    add_config_flags(p, _sft_config())
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the sft run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.set_defaults(fn=cmd_sft)
     p = sub.add_parser("eval", help="greedy exact-match accuracy of a model folder on a prompt/answer file")
     p.add_argument("--model", required=True, help="Hugging Face model folder")
     p.add_argument("--data", required=True, help="Parquet or JSONL file with prompt and answer columns")

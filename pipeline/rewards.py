@@ -13,7 +13,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -79,6 +81,8 @@ def resolve_reward_fn(spec: str) -> RewardFn:
         raise RewardLoadError(f"reward function {spec!r} is not registered ({', '.join(REWARD_FUNCTIONS.names())})"
                               " and is not of the form module:function")
     module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path:   # a console script's path holds its bin folder, not the working directory
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except Exception as err:  # an import can fail in many ways; all mean "fix your module"

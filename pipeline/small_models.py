@@ -44,11 +44,12 @@ _WORDS = (
 
 # ----------------------------------------------------------------------------- demo tokenizer / model
 
-def build_char_tokenizer(chars: str = "0123456789+-*= "):
+def build_char_tokenizer(chars: str = "0123456789+-*= ", chat_template: str | None = None):
     """A one-token-per-character tokenizer; returns a `PreTrainedTokenizerFast`.
 
     Vocabulary: <pad>=0, <bos>=1, <eos>=2, <unk>=3, then `chars` in order. Encoding with special tokens
-    prepends <bos>; decoding joins tokens with "" so "123+456=" round-trips exactly.
+    prepends <bos>; decoding joins tokens with "" so "123+456=" round-trips exactly. `chat_template`
+    (e.g. `CHAR_CHAT_TEMPLATE`, whose characters must be in `chars`) renders conversations.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -66,12 +67,13 @@ def build_char_tokenizer(chars: str = "0123456789+-*= "):
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
         unk_token="<unk>", padding_side="left", clean_up_tokenization_spaces=False,
+        chat_template=chat_template,
     )
 
 
 def build_tiny_model(out_dir, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4,
                      intermediate_size: int = 344, max_positions: int = 64, seed: int = 0,
-                     chars: str = "0123456789+-*= ") -> str:
+                     chars: str = "0123456789+-*= ", chat_template: str | None = None) -> str:
     """Save a randomly initialised Llama plus the character tokenizer as an HF folder; returns its path.
 
     Llama (not Qwen2) on purpose: with a Qwen2 config, `AutoTokenizer` loads the folder with a Qwen2
@@ -81,7 +83,8 @@ def build_tiny_model(out_dir, hidden_size: int = 128, num_layers: int = 4, num_h
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = build_char_tokenizer(chars)
+    tokenizer = build_char_tokenizer(chars, chat_template)
+    tokenizer.model_max_length = max_positions
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
         num_attention_heads=num_heads, num_key_value_heads=num_heads,

@@ -190,7 +190,7 @@ def test_supervised_finetune_lowers_the_loss(tiny_dir):
     after = sft_loss(model, batch).item()
     assert after < 0.7 * before
     assert result["steps"] == 40 and [s for s, _, _ in result["curve"]] == [0, 20, 40]
-    assert len(lines) == 2 and "eval acc" in lines[0]
+    assert len(lines) == 3 and "eval/accuracy" in lines[1] and "train/loss" in lines[1]
     acc = exact_match_accuracy(model, tok, prompts[:4], answers[:4], max_new_tokens=4)
     assert acc == result["final_accuracy"] and model.training
 

@@ -8,17 +8,15 @@ greedy exact match picks the best weights (early stopping restores them).
 """
 from __future__ import annotations
 
-import copy
-import time
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
 from pipeline.engine import TrainEngine, lr_factor
 from pipeline.evaluation import exact_match_accuracy
 from pipeline.models import completion_forward
 from pipeline.prompts import PromptFormat
+from pipeline.trainers.loop import train_loop
 
 
 def encode_supervised(tokenizer, prompts: list, answers: list[str],
@@ -59,95 +57,130 @@ def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return -(logprobs * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+class SupervisedTrainer:
+    """Supervised fine-tuning of a causal LM on (prompt, response) pairs, one `TrainEngine` step at a time;
+    `pipeline.trainers.loop.train_loop` drives it (evaluation, early stopping, checkpoints).
+
+    Minibatches are drawn without replacement from a seeded shuffle, reshuffled each epoch (the leftover
+    rows of an epoch come first); the generator and the leftover order are part of `state()`, so a resumed
+    run sees exactly the rows the interrupted one would have. Held-out metrics: `eval/loss` (token-mean NLL
+    of the held-out responses) always, `eval/accuracy` (greedy exact match against `eval_answers`) when
+    answers are given; the early-stopping score is the accuracy if there is one, else minus the loss.
+    The lr warms up linearly over `warmup_steps`, then stays constant or decays (cosine) to 10% at
+    `decay_steps`.
+    """
+
+    def __init__(self, model, tokenizer, prompts: list, responses: list[str], eval_prompts: list,
+                 eval_responses: list[str], eval_answers: Optional[list[str]] = None, *, lr: float,
+                 batch_size: int, seed: int = 0, weight_decay: float = 0.0, warmup_steps: int = 0,
+                 decay_steps: Optional[int] = None, max_new_tokens: Optional[int] = None,
+                 max_grad_norm: float = 1.0, compute_dtype: str = "float32", micro_batch_tokens: int = 0,
+                 gradient_checkpointing: bool = False, prompt_format: Optional[PromptFormat] = None,
+                 eval_batch_size: int = 250):
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+        self.engine = TrainEngine(model, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+                                  compute_dtype=compute_dtype, device=str(self.device),
+                                  micro_batch_tokens=micro_batch_tokens,
+                                  gradient_checkpointing=gradient_checkpointing)
+        self.prompt_format = prompt_format or PromptFormat(tokenizer)
+        self.data = encode_supervised(tokenizer, prompts, responses, self.prompt_format)
+        self.eval_data = encode_supervised(tokenizer, eval_prompts, eval_responses, self.prompt_format)
+        self.eval_prompts, self.eval_answers = eval_prompts, eval_answers
+        if max_new_tokens is None and eval_answers is not None:   # longest eval answer + eos
+            max_new_tokens = max(len(tokenizer(str(a), add_special_tokens=False)["input_ids"])
+                                 for a in eval_answers) + 1
+        self.max_new_tokens = max_new_tokens
+        self.lr, self.batch_size, self.eval_batch_size = lr, batch_size, eval_batch_size
+        self.warmup_steps, self.decay_steps = warmup_steps, decay_steps
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order = torch.empty(0, dtype=torch.long)
+        self.step_count = 0
+        self.length = self.data["prompt_ids"].shape[1] + self.data["completion_ids"].shape[1]
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.engine.skipped_steps
+
+    def train_step(self) -> dict[str, float]:
+        n = len(self.data["prompt_ids"])
+        if len(self.order) < self.batch_size:  # new epoch: reshuffle, keep the leftover rows first
+            self.order = torch.cat([self.order, torch.randperm(n, generator=self.generator)])
+        index, self.order = self.order[:self.batch_size], self.order[self.batch_size:]
+        engine = self.engine
+        engine.set_lr(self.lr * lr_factor(self.step_count, self.warmup_steps, self.decay_steps))
+        tokens = self.data["completion_mask"][index].sum().clamp(min=1)
+        loss_sum = 0.0
+        for part in engine.micro_batches(index, self.length):   # token-mean over the batch = sum of shares
+            weight = float(self.data["completion_mask"][part].sum() / tokens)
+            with engine.autocast():
+                loss = sft_loss(self.model, select_rows(self.data, part, self.device))
+            engine.backward(loss, weight)
+            loss_sum += weight * loss.item()
+        engine.step()
+        self.step_count += 1
+        return {"loss": loss_sum}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        metrics = {}
+        if self.eval_answers is not None:
+            metrics["eval/accuracy"] = exact_match_accuracy(
+                self.model, self.tokenizer, self.eval_prompts, self.eval_answers, self.max_new_tokens,
+                prompt_format=self.prompt_format)
+        n = len(self.eval_data["prompt_ids"])
+        nll, tokens = 0.0, 0.0
+        for rows in torch.arange(n).split(self.eval_batch_size):
+            batch = select_rows(self.eval_data, rows, self.device)
+            with self.engine.autocast():
+                count = float(batch["completion_mask"].sum())
+                nll += sft_loss(self.model, batch).item() * count
+            tokens += count
+        metrics["eval/loss"] = nll / max(tokens, 1.0)
+        return metrics
+
+    @staticmethod
+    def score(metrics: dict[str, float]) -> float:
+        return metrics["eval/accuracy"] if "eval/accuracy" in metrics else -metrics["eval/loss"]
+
+    def state(self) -> tuple[dict, dict]:
+        models, optimizers = self.engine.state("model")
+        models["data_order"] = {"generator": self.generator.get_state(), "order": self.order.clone(),
+                                "step": torch.tensor(self.step_count)}
+        return models, optimizers
+
+    def load_state(self, models: dict, optimizers: dict) -> None:
+        self.engine.load_state("model", models, optimizers)
+        order = models["data_order"]
+        self.generator.set_state(order["generator"])
+        self.order, self.step_count = order["order"].long(), int(order["step"])
+
+    def save_model(self, out_dir) -> str:
+        from pipeline.checkpoint import save_hf_model
+
+        return save_hf_model(self.model, self.tokenizer, out_dir)
+
+
 def supervised_finetune(model, tokenizer, prompts: list, answers: list[str],
                         eval_prompts: list, eval_answers: list[str], *, lr: float,
                         batch_size: int, max_steps: Optional[int] = None,
                         time_budget_s: Optional[float] = None, eval_every: int,
-                        patience: Optional[int] = None, seed: int = 0, weight_decay: float = 0.0,
-                        warmup_steps: int = 0, decay_steps: Optional[int] = None,
-                        max_new_tokens: Optional[int] = None, max_grad_norm: float = 1.0,
-                        compute_dtype: str = "float32", micro_batch_tokens: int = 0,
-                        gradient_checkpointing: bool = False, prompt_format: Optional[PromptFormat] = None,
-                        log: Callable[[str], None] = print) -> dict:
-    """Train `model` in place on prompt -> answer + <eos> with AdamW (grad-norm clip), on a `TrainEngine`.
-
-    The lr warms up linearly over `warmup_steps`, then stays constant, or decays (cosine) to 10% at
-    `decay_steps`. Evaluates greedy exact match on the eval split at step 0 and every `eval_every` steps
-    (eval time counts toward the budget: it is part of what a run costs). Stops at `max_steps`, after
-    `time_budget_s`, or -- with `patience` -- once `patience` evals in a row bring no new best; then the
-    best weights are restored (early stopping). Without patience the final weights are kept.
+                        patience: Optional[int] = None, seed: int = 0, log: Callable[[str], None] = print,
+                        **options) -> dict:
+    """Train `model` in place on prompt -> answer + <eos> (a `SupervisedTrainer` with `options`), scoring
+    greedy exact match on the eval split at step 0 and every `eval_every` steps; stops at `max_steps`, after
+    `time_budget_s`, or once `patience` evals in a row bring no new best, and then restores the best weights.
     Returns {"best_accuracy", "best_step", "final_accuracy", "curve": [(step, seconds, accuracy)],
     "steps", "seconds", "skipped_steps"}.
     """
-    if max_steps is None and time_budget_s is None and patience is None:
-        raise ValueError("supervised_finetune needs max_steps, time_budget_s or patience to stop")
-    device = next(model.parameters()).device
-    engine = TrainEngine(model, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-                         compute_dtype=compute_dtype, device=str(device), micro_batch_tokens=micro_batch_tokens,
-                         gradient_checkpointing=gradient_checkpointing)
-    prompt_format = prompt_format or PromptFormat(tokenizer)
-    data = encode_supervised(tokenizer, prompts, answers, prompt_format)
-    if max_new_tokens is None:  # longest eval answer + eos
-        max_new_tokens = max(len(tokenizer(str(a), add_special_tokens=False)["input_ids"])
-                             for a in eval_answers) + 1
-    generator = torch.Generator().manual_seed(seed)
-    n = len(prompts)
-    length = data["prompt_ids"].shape[1] + data["completion_ids"].shape[1]
-
-    def evaluate() -> float:
-        return exact_match_accuracy(model, tokenizer, eval_prompts, eval_answers, max_new_tokens,
-                                    prompt_format=prompt_format)
-
-    start = time.perf_counter()
-    accuracy = evaluate()
-    curve = [(0, time.perf_counter() - start, accuracy)]
-    best = {"accuracy": accuracy, "step": 0, "state": copy.deepcopy(model.state_dict())}
-    evals_since_best, step, losses, order = 0, 0, [], torch.empty(0, dtype=torch.long)
-    while True:
-        elapsed = time.perf_counter() - start
-        if (max_steps is not None and step >= max_steps) or \
-                (time_budget_s is not None and elapsed >= time_budget_s):
-            break
-        if len(order) < batch_size:  # new epoch: reshuffle, keep the leftover rows first
-            order = torch.cat([order, torch.randperm(n, generator=generator)])
-        index, order = order[:batch_size], order[batch_size:]
-        engine.set_lr(lr * lr_factor(step, warmup_steps, decay_steps))
-        tokens = data["completion_mask"][index].sum().clamp(min=1)
-        loss_sum = 0.0
-        for part in engine.micro_batches(index, length):   # token-mean over the batch = sum of shares
-            weight = float(data["completion_mask"][part].sum() / tokens)
-            with engine.autocast():
-                loss = sft_loss(model, select_rows(data, part, device))
-            engine.backward(loss, weight)
-            loss_sum += weight * loss.item()
-        engine.step()
-        step += 1
-        losses.append(loss_sum)
-        if step % eval_every:
-            continue
-        accuracy = evaluate()
-        elapsed = time.perf_counter() - start
-        curve.append((step, elapsed, accuracy))
-        log(f"step {step:5d}  loss {np.mean(losses):.4f}  eval acc {100 * accuracy:5.1f}%  {elapsed:6.1f} s")
-        losses = []
-        if accuracy > best["accuracy"]:
-            best = {"accuracy": accuracy, "step": step, "state": copy.deepcopy(model.state_dict())}
-            evals_since_best = 0
-        else:
-            evals_since_best += 1
-            if patience is not None and evals_since_best >= patience:
-                break
-    if curve[-1][0] != step:  # budget ran out between evals: score the final weights too
-        accuracy = evaluate()
-        curve.append((step, time.perf_counter() - start, accuracy))
-        if accuracy > best["accuracy"]:
-            best = {"accuracy": accuracy, "step": step, "state": copy.deepcopy(model.state_dict())}
-    final_accuracy = curve[-1][2]
-    if patience is not None:
-        model.load_state_dict(best["state"])
-    return {"best_accuracy": best["accuracy"], "best_step": best["step"],
-            "final_accuracy": final_accuracy, "curve": curve, "steps": step,
-            "seconds": time.perf_counter() - start, "skipped_steps": engine.skipped_steps}
+    trainer = SupervisedTrainer(model, tokenizer, prompts, answers, eval_prompts, eval_answers, eval_answers,
+                                lr=lr, batch_size=batch_size, seed=seed, **options)
+    result = train_loop(trainer, eval_every=eval_every, max_steps=max_steps, time_budget_s=time_budget_s,
+                        patience=patience, log=log)
+    return {"best_accuracy": result["best_metrics"]["eval/accuracy"], "best_step": result["best_step"],
+            "final_accuracy": result["final_metrics"]["eval/accuracy"],
+            "curve": [(s, t, m["eval/accuracy"]) for s, t, m in result["curve"]],
+            "steps": result["steps"], "seconds": result["seconds"], "skipped_steps": result["skipped_steps"]}
 
 
-__all__ = ["encode_supervised", "select_rows", "sft_loss", "supervised_finetune"]
+__all__ = ["SupervisedTrainer", "encode_supervised", "select_rows", "sft_loss", "supervised_finetune"]

@@ -1,0 +1,210 @@
+"""The supervised commands as runs: `rlpipe sft` (fine-tune a causal LM on demonstrations) over the shared
+`train_loop`, with a run folder like RL's:
+
+    <out>/sft.yaml          the resolved settings (what `--resume` reads back)
+    <out>/checkpoints/      step_*/ (weights, optimizer, data order, RNG; safetensors)
+    <out>/best/             the best weights so far (Hugging Face folder, replaced atomically)
+    <out>/model/            the result: a Hugging Face folder for `rlpipe train model.path=...`
+    <out>/results.json      held-out metrics of the result, the curve
+    <out>/mlflow.db         the MLflow run (params, metrics per evaluation), `mlartifacts/`
+
+Settings are fields documented once (`F` metadata); the CLI makes its flags from them. All input is read and
+checked (columns, message format, chat template, lengths) before the run folder is created.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import yaml
+
+from pipeline.config import ConfigError, F, _coerce
+from pipeline.data import DataError
+
+
+@dataclass
+class SupervisedRunConfig:
+    """What every supervised run shares: model, data, schedule, stopping, precision, output."""
+    model: str = F("", "Model to start from: a Hugging Face folder (e.g. made by `rlpipe init-model`) or hub name.")
+    data: str = F("", "Training data: Parquet or JSON lines.")
+    out: str = F("runs/sft", "Run folder (settings, checkpoints, MLflow, the trained model in <out>/model).")
+    eval_data: Optional[str] = F(None, "Held-out data with the same columns; default: --eval-size rows drawn from "
+                                 "--data (and left out of training).")
+    eval_size: int = F(200, "Rows held out of --data for evaluation when there is no --eval-data.", lo=1)
+    lr: float = F(1e-4, "Peak learning rate (AdamW). Pretrained models want ~1e-5; a small model made by "
+                  "init-model, trained from scratch, ~3e-3.", lo=0.0)
+    batch_size: int = F(32, "Rows per optimizer step.", lo=1)
+    max_steps: Optional[int] = F(2000, "Stop after this many steps (null: no step limit).", lo=1)
+    minutes: Optional[float] = F(None, "Stop after this many minutes (evaluation time counts).", lo=0.0)
+    patience: Optional[int] = F(5, "Early stopping: stop after this many evaluations without a better held-out "
+                                "score and keep the best weights (null: train to the limit, keep the last).", lo=1)
+    eval_every: int = F(100, "Steps between held-out evaluations.", lo=1)
+    warmup_steps: int = F(0, "Linear lr warm-up steps.", lo=0)
+    cosine: bool = F(True, "Decay the lr (cosine) to 10% of its peak at --max-steps; off: constant after warm-up.")
+    weight_decay: float = F(0.0, "AdamW weight decay.", lo=0.0)
+    max_grad_norm: float = F(1.0, "Gradient-norm clip (0: none).", lo=0.0)
+    dtype: str = F("float32", "Compute dtype (float32 master weights, autocast to it).",
+                   choices=("float32", "bfloat16", "float16"))
+    device: str = F("cpu", "Device of the model.", choices=("cpu", "cuda"))
+    micro_batch_tokens: int = F(0, "Token budget per micro-batch (gradients accumulated exactly); 0: one pass.", lo=0)
+    gradient_checkpointing: bool = F(False, "Recompute activations in backward (less memory, more compute).")
+    checkpoint_every: int = F(500, "Steps between checkpoints (a checkpoint is also written at the end).", lo=1)
+    seed: int = F(0, "Seed of the held-out split and the data order.")
+
+
+@dataclass
+class SFTConfig(SupervisedRunConfig):
+    """`rlpipe sft`: demonstrations as prompt/response columns or a messages column (`pipeline.sft_data`)."""
+    prompt_column: str = F("prompt", "Prompt column: text, or a list of {role, content} messages.")
+    response_column: Optional[str] = F(None, "Response column (loss is on its tokens + EOS); default: `response` "
+                                       "if present, else the answer column.")
+    messages_column: Optional[str] = F(None, "A column of conversations ending with the assistant's reply: the "
+                                       "reply is the response, the messages before it the prompt (chat template).")
+    answer_column: str = F("answer", "Column held-out greedy exact match compares with, when the data has it; "
+                           "early stopping then follows exact match, else the held-out loss.")
+    chat_template: bool = F(False, "Render text prompts as one user message with the tokenizer's chat template.")
+    max_new_tokens: Optional[int] = F(None, "Completion cap of the exact-match evaluation (default: longest "
+                                      "held-out answer + 1).", lo=1)
+
+
+def config_fields(cls) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(cls))
+
+
+def build_run_config(cls, values: dict):
+    """`cls` from {field: value} (unknown keys refused, each value checked against its field)."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown setting {unknown[0]}; valid: {', '.join(known)}")
+    cfg = cls(**{k: _coerce(k, v, hints[k], dict(known[k].metadata)) for k, v in values.items()})
+    for name in ("model", "data"):
+        if not getattr(cfg, name):
+            raise ConfigError(f"--{name} is required")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- the run folder
+
+def open_run_folder(cfg, settings_name: str, *, resume: bool, overwrite: bool):
+    """Create (or, resuming, reopen) cfg.out with its settings file and MLflow run. -> (folder, tracker)."""
+    import shutil
+
+    from pipeline.tracking import Tracker, flatten_config
+
+    out = Path(cfg.out)
+    settings = out / settings_name
+    state = out / "run.json"
+    if out.exists() and any(out.iterdir()) and not resume:
+        if not overwrite:
+            raise ConfigError(f"{out} already holds a run; pass --resume {out} to continue it, --overwrite to "
+                              "replace it, or another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        run_id = json.loads(state.read_text())["mlflow_run_id"]
+        tracker = Tracker(out, resume_run_id=run_id)
+    else:
+        settings.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        tracker = Tracker(out, run_name=out.name, tags={"rlpipe.kind": settings_name.split(".")[0]})
+        tracker.log_params(flatten_config(dataclasses.asdict(cfg)))
+        state.write_text(json.dumps({"mlflow_run_id": tracker.run_id}))
+    return out, tracker
+
+
+def read_run_settings(cls, run_dir, settings_name: str):
+    """The config a run folder was started with (for `--resume`)."""
+    path = Path(run_dir) / settings_name
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run folder of this command (no {settings_name}); give the --out "
+                          "folder of an earlier run")
+    return build_run_config(cls, yaml.safe_load(path.read_text()))
+
+
+# ----------------------------------------------------------------------------- sft
+
+def _demonstrations(cfg: SFTConfig):
+    from pipeline.sft_data import read_demonstrations
+
+    columns = dict(prompt_column=cfg.prompt_column, response_column=cfg.response_column,
+                   messages_column=cfg.messages_column, answer_column=cfg.answer_column)
+    data = read_demonstrations(cfg.data, **columns)
+    if cfg.eval_data:
+        return data, read_demonstrations(cfg.eval_data, **columns)
+    return data.split(cfg.eval_size, cfg.seed)
+
+
+def check_lengths(tokenizer, prompt_format, demos, model_config, what: str) -> None:
+    """Every prompt + response + EOS must fit the model's positions: else one error naming the row."""
+    from pipeline.prompts import max_positions
+
+    limit = max_positions(model_config)
+    if limit is None:
+        return
+    prompt_lengths = prompt_format.lengths(demos.prompts)
+    response_lengths = [len(ids) for ids in tokenizer(demos.responses, add_special_tokens=False)["input_ids"]]
+    for i, (p, r) in enumerate(zip(prompt_lengths, response_lengths)):
+        if p + r + 1 > limit:
+            raise DataError(f"{what}: row {i} has {p} prompt + {r} response tokens + EOS, more than the model's "
+                            f"{limit} positions; drop or shorten such rows, or use a model with a longer context")
+
+
+def run_sft(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False,
+            log: Callable[[str], None] = print) -> dict:
+    """Fine-tune cfg.model on cfg.data (see the module docstring); returns the results dict (also written)."""
+    import torch
+
+    from pipeline.models import load_causal_lm, load_model_config, load_tokenizer
+    from pipeline.prompts import PromptFormat
+    from pipeline.trainers.loop import train_loop
+    from pipeline.trainers.sft import SupervisedTrainer
+
+    torch.manual_seed(cfg.seed)
+    train, held_out = _demonstrations(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    prompt_format = PromptFormat(tokenizer, chat_template=cfg.chat_template)
+    model_config = load_model_config(cfg.model, "causal LM")
+    check_lengths(tokenizer, prompt_format, train, model_config, cfg.data)
+    check_lengths(tokenizer, prompt_format, held_out, model_config, cfg.eval_data or f"{cfg.data} (held out)")
+    model = load_causal_lm(cfg.model, device=cfg.device)
+    trainer = SupervisedTrainer(
+        model, tokenizer, train.prompts, train.responses, held_out.prompts, held_out.responses, held_out.answers,
+        lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed, weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps, decay_steps=cfg.max_steps if cfg.cosine else None,
+        max_new_tokens=cfg.max_new_tokens, max_grad_norm=cfg.max_grad_norm, compute_dtype=cfg.dtype,
+        micro_batch_tokens=cfg.micro_batch_tokens, gradient_checkpointing=cfg.gradient_checkpointing,
+        prompt_format=prompt_format)
+    out, tracker = open_run_folder(cfg, "sft.yaml", resume=resume, overwrite=overwrite)
+    log(f"sft: {len(train)} training rows, {len(held_out)} held out; "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; run folder {out}")
+    with tracker:
+        result = train_loop(trainer, eval_every=cfg.eval_every, max_steps=cfg.max_steps,
+                            time_budget_s=None if cfg.minutes is None else 60 * cfg.minutes,
+                            patience=cfg.patience, run_dir=str(out), checkpoint_every=cfg.checkpoint_every,
+                            resume=resume, tracker=tracker, log=log)
+        return finish_run(trainer, result, out, tracker, log)
+
+
+def finish_run(trainer, result: dict, out: Path, tracker, log) -> dict:
+    """Write the kept weights to out/model and results.json; log both to MLflow; print where they are."""
+    model_dir = trainer.save_model(out / "model")
+    kept = result["kept_metrics"]
+    summary = {"model_dir": model_dir, "steps": result["steps"], "seconds": result["seconds"],
+               "best_step": result["best_step"], "best_metrics": result["best_metrics"],
+               "final_metrics": result["final_metrics"], "kept_metrics": kept,
+               "skipped_steps": result["skipped_steps"], "curve": result["curve"],
+               "mlflow_run_id": tracker.run_id}
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    tracker.log_artifact(out / "results.json")
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in kept.items() if k.startswith("eval/"))
+    log(f"model: {model_dir}  ({shown}; {result['steps']} steps, {result['seconds']:.0f} s)")
+    return summary
+
+
+__all__ = ["SupervisedRunConfig", "SFTConfig", "build_run_config", "read_run_settings", "open_run_folder",
+           "run_sft", "finish_run", "config_fields"]

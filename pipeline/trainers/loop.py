@@ -1,0 +1,140 @@
+"""The loop every supervised-style trainer shares (SFT, reward models): steps, held-out evaluation, early
+stopping with the best weights restored, checkpoints and exact resume, MLflow metrics, progress lines.
+
+A trainer brings its objective through a small interface (`SupervisedTrainer` in `pipeline.trainers.sft`,
+`RewardModelTrainer` in `pipeline.trainers.reward_model`):
+
+    train_step() -> {"loss": ...}          one optimizer step on the next minibatch
+    evaluate() -> {"eval/...": ...}        held-out metrics of the current weights
+    score(metrics) -> float                the early-stopping figure, higher is better
+    state() -> (models, optimizers)        what a checkpoint holds (engine + data order), as tensors
+    load_state(models, optimizers)
+    model                                  the module whose best weights are kept
+    save_model(out_dir)                    the trained model as a Hugging Face folder
+
+Time spent evaluating counts toward `time_budget_s`: it is part of what a run costs.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+
+def train_loop(trainer, *, eval_every: int, max_steps: Optional[int] = None,
+               time_budget_s: Optional[float] = None, patience: Optional[int] = None,
+               run_dir: Optional[str] = None, checkpoint_every: int = 0, resume: bool = False,
+               tracker=None, log: Callable[[str], None] = print) -> dict:
+    """Train until `max_steps`, `time_budget_s`, or (with `patience`) that many evaluations in a row without
+    a new best; evaluate at step 0, every `eval_every` steps and at the end. With patience the best weights
+    are restored at the end (early stopping); without, the final weights stay.
+
+    run_dir: with it, checkpoints go to run_dir/checkpoints every `checkpoint_every` steps (and at the end)
+    and the best weights so far to run_dir/best (a Hugging Face folder, replaced atomically), so a run killed
+    at any point resumes (`resume=True`) from its last checkpoint with the same data order, best and curve.
+    tracker: a `pipeline.tracking.Tracker`; every evaluation and the mean train loss are logged to it.
+    Returns {"best_score", "best_step", "best_metrics", "final_metrics", "kept_metrics" (those of the weights
+    the model holds now), "curve": [(step, seconds, metrics)],
+    "steps", "seconds", "skipped_steps"}.
+    """
+    from pipeline.checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng,
+                                     save_checkpoint)
+
+    if max_steps is None and time_budget_s is None and patience is None:
+        raise ValueError("train_loop needs max_steps, time_budget_s or patience to stop")
+    checkpoints = Path(run_dir) / "checkpoints" if run_dir else None
+    best_dir = Path(run_dir) / "best" if run_dir else None
+    step, elapsed_before, curve, losses = 0, 0.0, [], []
+    best: dict = {}
+    if resume and checkpoints is not None and latest_checkpoint(checkpoints):
+        ckpt = load_checkpoint(latest_checkpoint(checkpoints))
+        trainer.load_state(ckpt.models, ckpt.optimizers)
+        restore_rng(ckpt.rng)
+        step, elapsed_before = ckpt.step, ckpt.extra["seconds"]
+        curve = [(s, t, m) for s, t, m in ckpt.extra["curve"]]
+        best = dict(ckpt.extra["best"], state=None)        # its weights are in run_dir/best
+        log(f"resumed at step {step} from {ckpt.path} (best {best['score']:.4g} at step {best['step']})")
+    start = time.perf_counter() - elapsed_before
+
+    def elapsed() -> float:
+        return time.perf_counter() - start
+
+    def evaluate() -> None:
+        nonlocal best
+        metrics = trainer.evaluate()
+        if losses:
+            metrics["train/loss"] = float(np.mean(losses))
+            losses.clear()
+        curve.append((step, elapsed(), metrics))
+        if tracker is not None:
+            tracker.log_metrics(step, metrics)
+        score = trainer.score(metrics)
+        shown = "  ".join(f"{k} {_fmt(k, v)}" for k, v in metrics.items())
+        log(f"step {step:5d}  {shown}  {elapsed():6.1f} s")
+        if not best or score > best["score"]:
+            best = {"score": score, "step": step, "metrics": metrics,
+                    "state": copy.deepcopy(trainer.model.state_dict())}
+            if best_dir is not None:
+                trainer.save_model(best_dir)
+
+    def checkpoint() -> None:
+        models, optimizers = trainer.state()
+        save_checkpoint(checkpoints, step, models=models, optimizers=optimizers, rng=capture_rng_state(),
+                        extra={"seconds": elapsed(), "curve": curve,
+                               "best": {k: v for k, v in best.items() if k != "state"}})
+
+    if not curve:
+        evaluate()
+    stopped_early = False
+    while not ((max_steps is not None and step >= max_steps)
+               or (time_budget_s is not None and elapsed() >= time_budget_s)):
+        losses.append(trainer.train_step()["loss"])
+        step += 1
+        if checkpoints is not None and checkpoint_every and step % checkpoint_every == 0 and step % eval_every:
+            checkpoint()
+        if step % eval_every:
+            continue
+        evaluate()
+        if checkpoints is not None and checkpoint_every and step % checkpoint_every == 0:
+            checkpoint()
+        evals_since_best = sum(1 for s, _, _ in curve if s > best["step"])
+        if patience is not None and evals_since_best >= patience:
+            stopped_early = True
+            break
+    if curve[-1][0] != step:  # the budget ran out between evaluations: score the final weights too
+        evaluate()
+    if checkpoints is not None:
+        checkpoint()
+    final_metrics = curve[-1][2]
+    if patience is not None and best["step"] != step:
+        if best["state"] is not None:
+            trainer.model.load_state_dict(best["state"])
+        else:                                  # resumed: the best weights are the saved folder's
+            from safetensors.torch import load_file
+
+            trainer.model.load_state_dict(_folder_state(best_dir, load_file), strict=False)
+    if stopped_early:
+        log(f"early stop: no better held-out score in {patience} evaluations; best weights are step {best['step']}'s")
+    return {"best_score": best["score"], "best_step": best["step"], "best_metrics": best["metrics"],
+            "final_metrics": final_metrics,
+            "kept_metrics": best["metrics"] if patience is not None else final_metrics,
+            "curve": curve, "steps": step, "seconds": elapsed(),
+            "skipped_steps": getattr(trainer, "skipped_steps", 0)}
+
+
+def _folder_state(folder: Path, load_file) -> dict:
+    """The tensors of every *.safetensors file in a Hugging Face folder, merged."""
+    state = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(path)))
+    return state
+
+
+def _fmt(key: str, value: float) -> str:
+    return f"{100 * value:5.1f}%" if key.endswith("accuracy") else f"{value:.4f}"
+
+
+__all__ = ["train_loop"]
