@@ -86,6 +86,14 @@ def cmd_sft(args) -> int:
     return 0
 
 
+def cmd_reward_model(args) -> int:
+    from pipeline.supervised_runs import RewardModelConfig, run_reward_model
+
+    run_reward_model(config_from_args(RewardModelConfig, args, "reward_model.yaml"), resume=bool(args.resume),
+                     overwrite=args.overwrite)
+    return 0
+
+
 def cmd_init_model(args) -> int:
     from pipeline.task_model import init_model
 
@@ -127,10 +135,10 @@ def cmd_config(args) -> int:
     return 0
 
 
-def _sft_config():
-    from pipeline.supervised_runs import SFTConfig
+def _run_configs() -> dict:
+    from pipeline.supervised_runs import RewardModelConfig, SFTConfig
 
-    return SFTConfig
+    return {"sft": SFTConfig, "reward-model": RewardModelConfig}
 
 
 def _plugin_commands() -> dict[str, Callable]:
@@ -167,11 +175,14 @@ def build_parser(extra_commands: Optional[dict[str, Callable]] = None) -> argpar
                    help="context length (default: twice the longest data row, rounded up to 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights (default 0)")
     p.set_defaults(fn=cmd_init_model)
-    p = sub.add_parser("sft", help="supervised fine-tuning of a causal LM on your demonstrations")
-    add_config_flags(p, _sft_config())
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the sft run in RUN_DIR from its latest checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    p.set_defaults(fn=cmd_sft)
+    for name, text, fn in (("sft", "supervised fine-tuning of a causal LM on your demonstrations", cmd_sft),
+                           ("reward-model", "train a reward model on preference pairs (Bradley-Terry)",
+                            cmd_reward_model)):
+        p = sub.add_parser(name, help=text)
+        add_config_flags(p, _run_configs()[name])
+        p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+        p.set_defaults(fn=fn)
     p = sub.add_parser("eval", help="greedy exact-match accuracy of a model folder on a prompt/answer file")
     p.add_argument("--model", required=True, help="Hugging Face model folder")
     p.add_argument("--data", required=True, help="Parquet or JSONL file with prompt and answer columns")
@@ -200,7 +211,12 @@ def build_parser(extra_commands: Optional[dict[str, Callable]] = None) -> argpar
 
 
 def main(argv: list[str] | None = None, extra_commands: Optional[dict[str, Callable]] = None) -> int:
+    import os
+
     args = build_parser(extra_commands).parse_args(argv)
+    # transformers' per-load and per-save progress bars ("Loading weights", "Writing model shards") say
+    # nothing a user can act on; the commands print their own progress.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         return args.fn(args)
     except KeyboardInterrupt:

@@ -1,7 +1,7 @@
-"""The supervised commands as runs: `rlpipe sft` (fine-tune a causal LM on demonstrations) over the shared
-`train_loop`, with a run folder like RL's:
+"""The supervised commands as runs over the shared `train_loop`: `rlpipe sft` (fine-tune a causal LM on
+demonstrations) and `rlpipe reward-model` (Bradley-Terry on preference pairs), with a run folder like RL's:
 
-    <out>/sft.yaml          the resolved settings (what `--resume` reads back)
+    <out>/sft.yaml          the resolved settings (what `--resume` reads back; reward_model.yaml)
     <out>/checkpoints/      step_*/ (weights, optimizer, data order, RNG; safetensors)
     <out>/best/             the best weights so far (Hugging Face folder, replaced atomically)
     <out>/model/            the result: a Hugging Face folder for `rlpipe train model.path=...`
@@ -69,6 +69,23 @@ class SFTConfig(SupervisedRunConfig):
     chat_template: bool = F(False, "Render text prompts as one user message with the tokenizer's chat template.")
     max_new_tokens: Optional[int] = F(None, "Completion cap of the exact-match evaluation (default: longest "
                                       "held-out answer + 1).", lo=1)
+
+
+@dataclass
+class RewardModelConfig(SupervisedRunConfig):
+    """`rlpipe reward-model`: Bradley-Terry on preference pairs (`pipeline.preference_data`)."""
+    out: str = F("runs/reward_model", "Run folder (settings, checkpoints, MLflow, the reward model in <out>/model).")
+    model: str = F("", "Backbone: a causal LM folder (e.g. the SFT model, as DeepSpeed-Chat does) or an encoder "
+                   "(BERT, MiniLM, ...); a new one-label score head goes on top.")
+    lr: float = F(5e-5, "Peak learning rate (AdamW).", lo=0.0)
+    max_steps: Optional[int] = F(1000, "Stop after this many steps (null: no step limit).", lo=1)
+    prompt_column: str = F("prompt", "Prompt column: text, or a list of {role, content} messages.")
+    chosen_column: str = F("chosen", "The preferred response.")
+    rejected_column: str = F("rejected", "The other response (must differ from chosen).")
+    margin_column: str = F("margin", "Optional per-pair margin (loss -log sigmoid(r_c - r_r - margin)); used when "
+                           "the data has this column.")
+    max_length: Optional[int] = F(None, "Tokens per scored sequence (longer: cut); default: the model's "
+                                  "positions.", lo=8)
 
 
 def config_fields(cls) -> list[dataclasses.Field]:
@@ -190,6 +207,44 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False,
         return finish_run(trainer, result, out, tracker, log)
 
 
+def run_reward_model(cfg: RewardModelConfig, *, resume: bool = False, overwrite: bool = False,
+                     log: Callable[[str], None] = print) -> dict:
+    """Train a reward model on cfg.data's pairs (see the module docstring); returns the results dict."""
+    import torch
+
+    from pipeline.models import load_tokenizer
+    from pipeline.preference_data import read_preference_pairs
+    from pipeline.prompts import max_positions
+    from pipeline.reward_models import build_reward_model
+    from pipeline.trainers.loop import train_loop
+    from pipeline.trainers.reward_model import RewardModelTrainer
+
+    torch.manual_seed(cfg.seed)
+    columns = dict(prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column,
+                   rejected_column=cfg.rejected_column, margin_column=cfg.margin_column)
+    pairs = read_preference_pairs(cfg.data, **columns)
+    train, held_out = (pairs, read_preference_pairs(cfg.eval_data, **columns)) if cfg.eval_data \
+        else pairs.split(cfg.eval_size, cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    model = build_reward_model(cfg.model, tokenizer).to(cfg.device)
+    trainer = RewardModelTrainer(
+        model, tokenizer, train, held_out, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
+        weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
+        decay_steps=cfg.max_steps if cfg.cosine else None, max_grad_norm=cfg.max_grad_norm,
+        compute_dtype=cfg.dtype, micro_batch_tokens=cfg.micro_batch_tokens,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        max_length=cfg.max_length or max_positions(model.config))
+    out, tracker = open_run_folder(cfg, "reward_model.yaml", resume=resume, overwrite=overwrite)
+    log(f"reward model: {len(train)} training pairs, {len(held_out)} held out; {model.reward_layout} layout, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; run folder {out}")
+    with tracker:
+        result = train_loop(trainer, eval_every=cfg.eval_every, max_steps=cfg.max_steps,
+                            time_budget_s=None if cfg.minutes is None else 60 * cfg.minutes,
+                            patience=cfg.patience, run_dir=str(out), checkpoint_every=cfg.checkpoint_every,
+                            resume=resume, tracker=tracker, log=log)
+        return finish_run(trainer, result, out, tracker, log)
+
+
 def finish_run(trainer, result: dict, out: Path, tracker, log) -> dict:
     """Write the kept weights to out/model and results.json; log both to MLflow; print where they are."""
     model_dir = trainer.save_model(out / "model")
@@ -206,5 +261,5 @@ def finish_run(trainer, result: dict, out: Path, tracker, log) -> dict:
     return summary
 
 
-__all__ = ["SupervisedRunConfig", "SFTConfig", "build_run_config", "read_run_settings", "open_run_folder",
+__all__ = ["SupervisedRunConfig", "SFTConfig", "RewardModelConfig", "run_reward_model", "build_run_config", "read_run_settings", "open_run_folder",
            "run_sft", "finish_run", "config_fields"]

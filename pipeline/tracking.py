@@ -85,6 +85,9 @@ class Tracker:
     ):
         from mlflow import MlflowClient  # lazy: importing mlflow costs ~3 s
 
+        # "Creating initial MLflow database tables..." on every new store: nothing to act on.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+
         self.run_dir = Path(run_dir).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.tracking_uri = tracking_uri or default_tracking_uri(self.run_dir)

@@ -22,6 +22,58 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+import torch
+
+
+class ShuffledRows:
+    """Minibatches of row indices drawn without replacement from a seeded shuffle, reshuffled each epoch (the
+    leftover rows of an epoch come first); `state()` / `load_state()` make a resumed run draw the same rows."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size = n, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order = torch.empty(0, dtype=torch.long)
+
+    def next(self) -> torch.Tensor:
+        if len(self.order) < self.batch_size:
+            self.order = torch.cat([self.order, torch.randperm(self.n, generator=self.generator)])
+        index, self.order = self.order[:self.batch_size], self.order[self.batch_size:]
+        return index
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state(), "order": self.order.clone()}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+        self.order = state["order"].long()
+
+
+class EngineTrainer:
+    """What the supervised-style trainers share around their objective: a `TrainEngine` (`self.engine`) on
+    `self.model`, a `ShuffledRows` (`self.rows`), the step count; checkpoint state and the saved folder."""
+
+    engine: "object"
+    rows: ShuffledRows
+    step_count: int
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.engine.skipped_steps
+
+    def state(self) -> tuple[dict, dict]:
+        models, optimizers = self.engine.state("model")
+        models["data_order"] = {**self.rows.state(), "step": torch.tensor(self.step_count)}
+        return models, optimizers
+
+    def load_state(self, models: dict, optimizers: dict) -> None:
+        self.engine.load_state("model", models, optimizers)
+        self.rows.load_state(models["data_order"])
+        self.step_count = int(models["data_order"]["step"])
+
+    def save_model(self, out_dir) -> str:
+        from pipeline.checkpoint import save_hf_model
+
+        return save_hf_model(self.model, self.tokenizer, out_dir)
 
 
 def train_loop(trainer, *, eval_every: int, max_steps: Optional[int] = None,
@@ -137,4 +189,4 @@ def _fmt(key: str, value: float) -> str:
     return f"{100 * value:5.1f}%" if key.endswith("accuracy") else f"{value:.4f}"
 
 
-__all__ = ["train_loop"]
+__all__ = ["EngineTrainer", "ShuffledRows", "train_loop"]

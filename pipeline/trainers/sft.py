@@ -16,7 +16,7 @@ from pipeline.engine import TrainEngine, lr_factor
 from pipeline.evaluation import exact_match_accuracy
 from pipeline.models import completion_forward
 from pipeline.prompts import PromptFormat
-from pipeline.trainers.loop import train_loop
+from pipeline.trainers.loop import EngineTrainer, ShuffledRows, train_loop
 
 
 def encode_supervised(tokenizer, prompts: list, answers: list[str],
@@ -57,13 +57,12 @@ def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return -(logprobs * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-class SupervisedTrainer:
+class SupervisedTrainer(EngineTrainer):
     """Supervised fine-tuning of a causal LM on (prompt, response) pairs, one `TrainEngine` step at a time;
     `pipeline.trainers.loop.train_loop` drives it (evaluation, early stopping, checkpoints).
 
-    Minibatches are drawn without replacement from a seeded shuffle, reshuffled each epoch (the leftover
-    rows of an epoch come first); the generator and the leftover order are part of `state()`, so a resumed
-    run sees exactly the rows the interrupted one would have. Held-out metrics: `eval/loss` (token-mean NLL
+    Minibatches come from `ShuffledRows` (seeded; its state is part of `state()`, so a resumed run sees
+    exactly the rows the interrupted one would have). Held-out metrics: `eval/loss` (token-mean NLL
     of the held-out responses) always, `eval/accuracy` (greedy exact match against `eval_answers`) when
     answers are given; the early-stopping score is the accuracy if there is one, else minus the loss.
     The lr warms up linearly over `warmup_steps`, then stays constant or decays (cosine) to 10% at
@@ -93,20 +92,12 @@ class SupervisedTrainer:
         self.max_new_tokens = max_new_tokens
         self.lr, self.batch_size, self.eval_batch_size = lr, batch_size, eval_batch_size
         self.warmup_steps, self.decay_steps = warmup_steps, decay_steps
-        self.generator = torch.Generator().manual_seed(seed)
-        self.order = torch.empty(0, dtype=torch.long)
+        self.rows = ShuffledRows(len(self.data["prompt_ids"]), batch_size, seed)
         self.step_count = 0
         self.length = self.data["prompt_ids"].shape[1] + self.data["completion_ids"].shape[1]
 
-    @property
-    def skipped_steps(self) -> int:
-        return self.engine.skipped_steps
-
     def train_step(self) -> dict[str, float]:
-        n = len(self.data["prompt_ids"])
-        if len(self.order) < self.batch_size:  # new epoch: reshuffle, keep the leftover rows first
-            self.order = torch.cat([self.order, torch.randperm(n, generator=self.generator)])
-        index, self.order = self.order[:self.batch_size], self.order[self.batch_size:]
+        index = self.rows.next()
         engine = self.engine
         engine.set_lr(self.lr * lr_factor(self.step_count, self.warmup_steps, self.decay_steps))
         tokens = self.data["completion_mask"][index].sum().clamp(min=1)
@@ -142,23 +133,6 @@ class SupervisedTrainer:
     @staticmethod
     def score(metrics: dict[str, float]) -> float:
         return metrics["eval/accuracy"] if "eval/accuracy" in metrics else -metrics["eval/loss"]
-
-    def state(self) -> tuple[dict, dict]:
-        models, optimizers = self.engine.state("model")
-        models["data_order"] = {"generator": self.generator.get_state(), "order": self.order.clone(),
-                                "step": torch.tensor(self.step_count)}
-        return models, optimizers
-
-    def load_state(self, models: dict, optimizers: dict) -> None:
-        self.engine.load_state("model", models, optimizers)
-        order = models["data_order"]
-        self.generator.set_state(order["generator"])
-        self.order, self.step_count = order["order"].long(), int(order["step"])
-
-    def save_model(self, out_dir) -> str:
-        from pipeline.checkpoint import save_hf_model
-
-        return save_hf_model(self.model, self.tokenizer, out_dir)
 
 
 def supervised_finetune(model, tokenizer, prompts: list, answers: list[str],
