@@ -21,7 +21,7 @@ from pipeline.algorithms.advantages import AdvantageInputs, compute_advantages, 
 from pipeline.algorithms.core import kl_penalty, masked_mean
 from pipeline.batch import Rollout, TrainBatch, concat_rollouts, split_indices
 from pipeline.config import RunConfig, learner_old_logprobs
-from pipeline.rewards import merge_scored_shards
+from pipeline.rewards import RunningMoments, merge_scored_shards, shape_scores
 
 
 class StageTimer:
@@ -50,6 +50,7 @@ class Trainer:
         self.elapsed_s = 0.0               # training seconds, carried across resumes
         self.resent_shards = 0             # shards resent after an actor died, over the whole run
         self.last_batch: TrainBatch | None = None
+        self.reward_moments = RunningMoments() if cfg.reward.normalize else None
 
     def _eval_rows(self, table):
         if table is None:
@@ -110,10 +111,13 @@ class Trainer:
                  for scorer, r in zip(self.pools.scorers, split_indices(N, len(self.pools.scorers))) if r]
         scored = merge_scored_shards(N, self._gather(calls))        # raises unless each sample scored once
         scores, failed = torch.tensor(scored.scores, dtype=torch.float32), torch.tensor(scored.failed)
-        batch = TrainBatch(rollout=rollout, scores=scores, score_failed=failed)
+        shaped = shape_scores(scores, failed, self.reward_moments, self.cfg.reward.clip)
+        batch = TrainBatch(rollout=rollout, scores=shaped, score_failed=failed)
         stats = {"reward/mean": scores.mean().item(), "reward/std": scores.std().item() if N > 1 else 0.0,
                  "reward/failed": int(failed.sum()),
                  "reward/solved_groups": _solved_fraction(scores, rollout.group_ids)}
+        if shaped is not scores:       # what the advantages see, after normalising / clipping
+            stats["reward/shaped_mean"] = shaped.mean().item()
         if len(scored.per_function) > 1:   # one function: its mean is reward/mean
             for name, values in scored.per_function.items():
                 ok = [v for v in values if v is not None]
@@ -206,6 +210,8 @@ class Trainer:
         models, optimizers = self.learners.state()
         extra = {"step": self.step_count, "policy_version": self.version, "elapsed_s": self.elapsed_s,
                  "sampler": self.sampler.state_dict(), "mlflow_run_id": self.tracker.run_id}
+        if self.reward_moments is not None:
+            extra["reward_moments"] = self.reward_moments.state_dict()
         return save_checkpoint(os.path.join(run_dir, "checkpoints"), self.step_count, models=models,
                                optimizers=optimizers, rng=capture_rng_state(), extra=extra,
                                keep_last=self.cfg.checkpoint.keep_last)
@@ -218,6 +224,8 @@ class Trainer:
         self.step_count = ckpt.extra["step"]
         self.elapsed_s = ckpt.extra.get("elapsed_s", 0.0)
         self.sampler.load_state_dict(ckpt.extra["sampler"])
+        if self.reward_moments is not None and "reward_moments" in ckpt.extra:
+            self.reward_moments.load_state_dict(ckpt.extra["reward_moments"])
         if ckpt.rng:
             restore_rng(ckpt.rng)
         self.weights.resume(version)

@@ -77,7 +77,7 @@ def layout(cfg: RunConfig) -> list[tuple[str, dict]]:
 
     roles = [("learner", bundle(r.cpus_per_learner, r.gpus_per_learner))] * r.learners
     roles += [("generator", bundle(r.cpus_per_rollout_worker, r.gpus_per_rollout_worker))] * r.rollout_workers
-    roles += [("scorer", bundle(r.cpus_per_reward_scorer))] * r.reward_scorers
+    roles += [("scorer", bundle(r.cpus_per_reward_scorer, r.gpus_per_reward_scorer))] * r.reward_scorers
     if cfg.algorithm.kl_coef > 0:
         roles += [("reference", bundle(r.cpus_per_reference, r.gpus_per_learner and min(r.gpus_per_learner, 1.0)))]
     return roles
@@ -146,7 +146,8 @@ def start_actors(cfg: RunConfig) -> ActorPools:
                 cfg.vllm))
         elif role == "scorer":
             scorers.append(RewardScorer.options(**options(i, b, restartable=True)).remote(
-                cfg.reward.functions, cfg.reward.weights, cfg.reward.failed_reward))
+                cfg.reward.functions, cfg.reward.weights, cfg.reward.failed_reward, cfg.reward.models,
+                "cuda" if b.get("GPU") else "cpu", threads(b["CPU"])))
         else:
             reference = Reference.options(**options(i, b)).remote(cfg.model, cfg.rollout.temperature,
                                                                  threads(b["CPU"]))

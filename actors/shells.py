@@ -29,7 +29,20 @@ class RolloutWorker(_OnRayNode, RolloutGenerator):
 
 @ray.remote
 class RewardScorer(RewardComposer):
-    """Scores a shard of completions with the configured reward functions."""
+    """Scores a shard of completions with the configured reward functions and reward models (loaded once,
+    when the scorer starts or restarts)."""
+
+    def __init__(self, functions, weights, failed_reward, models=(), device="cpu", threads=1):
+        import torch
+
+        torch.set_num_threads(threads)
+        super().__init__(functions, weights, failed_reward, models, device)
+
+    def reward_models_loaded(self) -> int:
+        """Reward models this process has loaded since it started."""
+        from pipeline.reward_models import LOADS
+
+        return LOADS["count"]
 
     def score_shard(self, sample_index: list[int], prompts: list, completions: list[str],
                     columns: dict[str, list]) -> tuple[list[int], ScoredShard]:

@@ -48,7 +48,9 @@ class ModelConfig:
                     "initialised from `critic_path` (default: the policy) with a linear head; `shared` = a "
                     "value head on the policy's last hidden state, trained with the policy loss.",
                     choices=("separate", "shared"))
-    critic_path: Optional[str] = F(None, "Backbone of the separate critic; null = same folder as `path`.")
+    critic_path: Optional[str] = F(None, "Backbone of the separate critic; null = same folder as `path`. A decoder "
+                                   "reward model folder (`rlpipe reward-model` on the SFT model) also initialises the "
+                                   "value head from its score head, as DeepSpeed-Chat and OpenRLHF start the critic.")
     disable_dropout: bool = F(True, "Set every dropout probability of the model configs to 0 when loading policy, "
                               "critic and reference (RL compares log-probs of two forwards; OpenRLHF and verl do "
                               "the same). The exported model keeps the values it came with.")
@@ -110,6 +112,16 @@ class RewardConfig:
     on_failure: str = F("score", "A sample whose reward failed: `score` trains on it with failed_reward (TRL, "
                         "OpenRLHF); `drop` leaves it out of the loss and of its group's statistics.",
                         choices=("score", "drop"))
+    models: list = F(None, "Learned reward models served by every scorer, each a mapping {path, weight (1.0), "
+                     "batch_size (64), dtype (float32), name}: `path` a one-label sequence classifier folder (made by "
+                     "`rlpipe reward-model`). Their scores join the functions' in the weighted sum, logged per model "
+                     "as reward/fn/rm/<name> (default: the folder's name, or its run's for <run>/model). E.g. `reward.models=[{path: runs/reward_model/model}]`.",
+                     factory=list)
+    normalize: bool = F(False, "Whiten each step's scores with the running mean and std of every score seen so far "
+                        "(OpenRLHF's reward normalisation; kept in checkpoints). For learned rewards, whose scale "
+                        "is arbitrary.")
+    clip: Optional[float] = F(None, "Clip scores (after normalising) to [-clip, clip]: DeepSpeed-Chat's "
+                              "clip_reward_value (5 there). null = no clip.", lo=0.0)
 
 
 @dataclass
@@ -174,6 +186,7 @@ class ResourcesConfig:
     cpus_per_rollout_worker: float = F(1.0, "CPU share reserved per generator.", lo=0.0)
     gpus_per_rollout_worker: float = F(0.0, "GPU share per generator.", lo=0.0)
     cpus_per_reward_scorer: float = F(0.25, "CPU share per reward scorer.", lo=0.0)
+    gpus_per_reward_scorer: float = F(0.0, "GPU share per reward scorer (its reward models run on it).", lo=0.0)
     learners: int = F(1, "K data-parallel learners (a gloo/NCCL group): each takes 1/K of every minibatch and "
                       "gradients are summed before the step, so K learners update exactly like one.", lo=1)
     cpus_per_learner: float = F(1.0, "CPU share of each learner.", lo=0.0)
@@ -387,8 +400,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.reward.weights is not None and len(cfg.reward.weights) != len(cfg.reward.functions):
         raise ConfigError(f"reward.weights: {len(cfg.reward.weights)} weights for "
                           f"{len(cfg.reward.functions)} functions; give one per function or null")
-    if not cfg.reward.functions:
-        raise ConfigError("reward.functions: empty; give at least one reward function name")
+    if not cfg.reward.functions and not cfg.reward.models:
+        raise ConfigError("reward.functions: empty and no reward.models; give a reward function or a reward model")
+    for i, m in enumerate(cfg.reward.models):
+        _check_reward_model_entry(i, m)
     if ADVANTAGE_ESTIMATORS.meta(cfg.algorithm.name).get("needs_groups") and cfg.rollout.samples_per_prompt < 2:
         raise ConfigError(f"rollout.samples_per_prompt: {cfg.algorithm.name} compares samples within a group; "
                           "use 2 or more")
@@ -407,6 +422,24 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"learner.minibatch_size: {cfg.learner.minibatch_size} sequences cannot be split over "
                           f"resources.learners={cfg.resources.learners} learners; use at least one per learner")
     return cfg
+
+
+REWARD_MODEL_KEYS = {"path": str, "weight": (int, float), "batch_size": int, "dtype": str, "name": str}
+
+
+def _check_reward_model_entry(i: int, entry: Any) -> None:
+    example = "e.g. {path: runs/reward_model/model, weight: 1.0, batch_size: 64}"
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+        raise ConfigError(f"reward.models[{i}]: {entry!r} is not a mapping with a path; {example}")
+    for key, value in entry.items():
+        if key not in REWARD_MODEL_KEYS:
+            raise ConfigError(f"reward.models[{i}].{key}: unknown key; valid: {', '.join(REWARD_MODEL_KEYS)}")
+        if isinstance(value, bool) or not isinstance(value, REWARD_MODEL_KEYS[key]):
+            raise ConfigError(f"reward.models[{i}].{key}: {value!r} has the wrong type; {example}")
+    if entry.get("batch_size", 1) < 1:
+        raise ConfigError(f"reward.models[{i}].batch_size: {entry['batch_size']} must be >= 1")
+    if entry.get("dtype", "float32") not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"reward.models[{i}].dtype: {entry['dtype']!r} is not one of float32, bfloat16, float16")
 
 
 def learner_old_logprobs(cfg: RunConfig) -> bool:

@@ -10,6 +10,7 @@ learner, the reference model, supervised fine-tuning and the tests all go throug
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Optional
@@ -102,6 +103,20 @@ def _no_dropout_modules(model: nn.Module) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def load_report_silenced():
+    """transformers' load report ("lm_head.weight UNEXPECTED", "score.weight MISSING") off for a load whose
+    unused or new weights are the point: a causal LM's trunk as a critic, a new reward model's score head."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def load_tokenizer(path):
     """`AutoTokenizer` for `path`, left-padded (prompts are left-padded for generation), with a pad token."""
     from transformers import AutoTokenizer
@@ -181,14 +196,34 @@ class ValueModel(nn.Module):
         config = load_model_config(path, "value model backbone")
         zeroed = zero_dropout(config) if disable_dropout else {}
         path = check_model_path(path)
+        reward_model = config.num_labels == 1 and any(
+            n.endswith("ForSequenceClassification") for n in (getattr(config, "architectures", None) or []))
+        score_head = None
         try:
-            self.backbone = AutoModel.from_pretrained(path, config=config, dtype=DTYPES[dtype])
+            with load_report_silenced():    # a causal LM's lm_head is unused here, as intended
+                if reward_model:            # DeepSpeed-Chat / OpenRLHF: the critic starts as the reward model
+                    from transformers import AutoModelForSequenceClassification
+
+                    full = AutoModelForSequenceClassification.from_pretrained(path, config=config,
+                                                                              dtype=DTYPES[dtype])
+                    self.backbone, score_head = full.base_model, getattr(full, "score", None)
+                else:
+                    self.backbone = AutoModel.from_pretrained(path, config=config, dtype=DTYPES[dtype])
         except Exception as err:
             raise _load_error("value model backbone", path, err) from None
+        if reward_model and score_head is None:
+            raise ModelLoadError(f"critic {path!r} is a reward model without a per-token score head (an encoder's "
+                                 "pooled classifier); a critic reads the policy's tokens: give a decoder reward model "
+                                 "trained on the policy's tokenizer, or a causal LM")
         if disable_dropout:
             _no_dropout_modules(self.backbone)
         self.backbone.zeroed_dropout = zeroed
         self.value_head = new_value_head(self.backbone.config.get_text_config().hidden_size)
+        if score_head is not None:
+            with torch.no_grad():
+                self.value_head.weight.copy_(score_head.weight.float())
+                if getattr(score_head, "bias", None) is not None:
+                    self.value_head.bias.copy_(score_head.bias.float())
 
     @property
     def supports_gradient_checkpointing(self) -> bool:

@@ -74,6 +74,11 @@ def preflight(cfg: RunConfig, log=print):
     if cfg.model.critic_path:
         load_model_config(cfg.model.critic_path, "model.critic_path")
     composer = RewardComposer(cfg.reward.functions, cfg.reward.weights, cfg.reward.failed_reward)
+    if cfg.reward.models:
+        from pipeline.reward_models import check_reward_model
+
+        for i, m in enumerate(cfg.reward.models):      # the scorers load them; here only their configs
+            check_reward_model(m["path"], f"reward.models[{i}].path")
     columns = required_columns(composer.fns)
     train = read_prompt_table(cfg.data.train_path, (cfg.data.prompt_column, *sorted(columns)))
     evaluation = None

@@ -19,10 +19,11 @@ from typing import Optional, Sequence
 import torch
 
 from pipeline.models import (DTYPES, ModelLoadError, _load_error, _no_dropout_modules, check_model_path,
-                             load_model_config, zero_dropout)
+                             load_model_config, load_report_silenced, zero_dropout)
 from pipeline.prompts import PromptFormat, is_conversation
 
 INPUT_FIELD = "rlpipe_reward_input"
+LOADS = {"count": 0}          # reward models loaded by this process (a scorer loads each once)
 LAYOUTS = ("decoder", "pair")
 
 
@@ -84,7 +85,7 @@ def reward_scores(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def build_reward_model(backbone: str, tokenizer, dtype: str = "float32", disable_dropout: bool = True):
     """A one-label sequence classifier on `backbone` (a causal LM or an encoder folder; the score head is new
     unless the folder already is a reward model); its layout saved in the config."""
-    return _load_sequence_classifier(backbone, tokenizer, dtype, disable_dropout, must_be_reward_model=False)
+    return _load_sequence_classifier(backbone, tokenizer, dtype, disable_dropout)
 
 
 def load_reward_model(path: str, dtype: str = "float32"):
@@ -92,38 +93,40 @@ def load_reward_model(path: str, dtype: str = "float32"):
     Anything else is one ModelLoadError naming the path and the fix."""
     from pipeline.models import load_tokenizer
 
+    check_reward_model(path)
     tokenizer = load_tokenizer(path)
-    model = _load_sequence_classifier(path, tokenizer, dtype, True, must_be_reward_model=True)
+    model = _load_sequence_classifier(path, tokenizer, dtype, True)
     model.eval()
+    LOADS["count"] += 1
     return model, tokenizer
 
 
-def _load_sequence_classifier(path, tokenizer, dtype, disable_dropout, must_be_reward_model):
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    config = load_model_config(path, "reward model")
+def check_reward_model(path: str, what: str = "reward model") -> None:
+    """One ModelLoadError unless `path` is a one-label sequence classifier folder (reads its config only)."""
+    config = load_model_config(path, what)
     names = getattr(config, "architectures", None) or []
-    if must_be_reward_model and not (any(n.endswith("ForSequenceClassification") for n in names)
-                                     and config.num_labels == 1):
-        raise ModelLoadError(f"reward model {path!r} is a {', '.join(names) or config.model_type} with "
+    if not (any(n.endswith("ForSequenceClassification") for n in names) and config.num_labels == 1):
+        raise ModelLoadError(f"{what} {path!r} is a {', '.join(names) or config.model_type} with "
                              f"{config.num_labels} labels, not a sequence classifier with one label; train one "
                              "with `rlpipe reward-model --model BACKBONE --data pairs.parquet`")
+
+
+def _load_sequence_classifier(path, tokenizer, dtype, disable_dropout):
+    from transformers import AutoModelForSequenceClassification
+
+    config = load_model_config(path, "reward model")
     layout = backbone_layout(config)
     zeroed = zero_dropout(config) if disable_dropout else {}
     config.num_labels = 1
     setattr(config, INPUT_FIELD, layout)
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()   # "score.weight newly initialised" is what a new reward model is
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(check_model_path(path), config=config,
-                                                                   dtype=DTYPES[dtype])
+        with load_report_silenced():   # "score.weight newly initialised" is what a new reward model is
+            model = AutoModelForSequenceClassification.from_pretrained(check_model_path(path), config=config,
+                                                                       dtype=DTYPES[dtype])
     except Exception as err:
         raise _load_error("reward model", path, err) from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
     if disable_dropout:
         _no_dropout_modules(model)
     model.zeroed_dropout = zeroed
@@ -156,5 +159,5 @@ class RewardModelFunction:
         return scores
 
 
-__all__ = ["RewardModelFunction", "INPUT_FIELD", "LAYOUTS", "backbone_layout", "encode_for_reward", "pad_right", "reward_scores",
+__all__ = ["RewardModelFunction", "check_reward_model", "INPUT_FIELD", "LAYOUTS", "backbone_layout", "encode_for_reward", "pad_right", "reward_scores",
            "build_reward_model", "load_reward_model"]

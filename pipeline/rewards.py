@@ -123,13 +123,39 @@ def merge_scored_shards(n: int, shards: list[tuple[list[int], ScoredShard]]) -> 
     return ScoredShard(scores=scores, failed=failed, per_function=per_function)
 
 
+def reward_model_names(models: Sequence[dict]) -> list[str]:
+    """`rm/<name>` per reward model: its `name`, else its folder's name (the run's name for a `<run>/model`
+    folder written by `rlpipe reward-model`), numbered where two would be the same."""
+    import os
+
+    names = []
+    for m in models:
+        path = os.path.normpath(m["path"])
+        base = m.get("name") or (os.path.basename(os.path.dirname(path)) if os.path.basename(path) == "model"
+                                 else os.path.basename(path))
+        name = f"rm/{base}"
+        names.append(name if name not in names else f"{name}_{len(names)}")
+    return names
+
+
 class RewardComposer:
     """Weighted sum of reward functions with per-sample failure isolation."""
 
-    def __init__(self, specs: list[str], weights: Optional[list[float]] = None, failed_reward: float = 0.0):
+    def __init__(self, specs: list[str], weights: Optional[list[float]] = None, failed_reward: float = 0.0,
+                 models: Sequence[dict] = (), device: str = "cpu"):
+        """specs/weights: reward functions; models: `reward.models` entries, each loaded here, once, as a
+        `RewardModelFunction` on `device` and named by `reward_model_names`."""
         self.specs = list(specs)
         self.fns = [resolve_reward_fn(s) for s in self.specs]
         self.weights = list(weights) if weights is not None else [1.0] * len(self.fns)
+        if models:
+            from pipeline.reward_models import RewardModelFunction
+
+            for name, m in zip(reward_model_names(models), models):
+                self.specs.append(name)
+                self.fns.append(RewardModelFunction(m["path"], m.get("batch_size", 64), device,
+                                                    m.get("dtype", "float32")))
+                self.weights.append(float(m.get("weight", 1.0)))
         self.failed_reward = failed_reward
 
     def score(self, prompts: list[str], completions: list[str], columns: dict[str, list]) -> ScoredShard:
@@ -164,6 +190,47 @@ class RewardComposer:
                 except Exception:
                     values.append(None)
         return [_finite_or_none(v) for v in values]
+
+
+class RunningMoments:
+    """Mean and standard deviation of every value seen so far, updated a batch at a time (Chan et al.'s
+    parallel update, as OpenRLHF's reward normalisation keeps them); its state is JSON for checkpoints."""
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, x: "torch.Tensor") -> None:
+        n = x.numel()
+        if n == 0:
+            return
+        batch_mean = float(x.double().mean())
+        batch_m2 = float(((x.double() - batch_mean) ** 2).sum())
+        delta, total = batch_mean - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.m2 += batch_m2 + delta * delta * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / max(self.count - 1, 1))
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
+
+
+def shape_scores(scores: "torch.Tensor", failed: "torch.Tensor", moments: Optional[RunningMoments],
+                 clip: Optional[float]) -> "torch.Tensor":
+    """(N,) scores -> whitened by `moments` after adding the step's successful scores to them (if given), then
+    clipped to [-clip, clip] (if given): reward normalisation and DeepSpeed-Chat's clip_reward_value."""
+    if moments is not None:
+        moments.update(scores[~failed])
+        scores = (scores - moments.mean) / (moments.std + 1e-8)
+    if clip is not None:
+        scores = scores.clamp(-clip, clip)
+    return scores
 
 
 def _finite_or_none(v) -> Optional[float]:
