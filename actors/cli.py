@@ -119,9 +119,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from actors.demo import run_demo
+    from actors.demo import run_demo, run_preference_demo
 
-    run_demo(args.out, algos=args.algos.split(","), rl_minutes=args.rl_minutes, sft_minutes=args.sft_minutes)
+    if args.task == "preference":
+        run_preference_demo(args.out or "runs/preference", ppo_minutes=args.rl_minutes or 6.0)
+    else:
+        run_demo(args.out or "runs/demo", algos=args.algos.split(","), rl_minutes=args.rl_minutes or 10.0,
+                 sft_minutes=args.sft_minutes)
     return 0
 
 
@@ -189,10 +193,15 @@ def build_parser(extra_commands: Optional[dict[str, Callable]] = None) -> argpar
     p.add_argument("--n", type=int, default=500, help="rows to evaluate (default 500)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="completion cap (default 8)")
     p.set_defaults(fn=cmd_eval)
-    p = sub.add_parser("demo", help="the local demo: warm start, RL (GRPO and PPO), supervised baseline")
-    p.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo)")
+    p = sub.add_parser("demo", help="the local demos: arithmetic (warm start, GRPO and PPO, supervised baseline) "
+                       "or preference (SFT, reward model, PPO against it)")
+    p.add_argument("--task", default="arithmetic", choices=("arithmetic", "preference"),
+                   help="arithmetic: RL from a verifier vs more supervised training; preference: DeepSpeed-Chat's "
+                   "three steps against a hidden judge (default arithmetic)")
+    p.add_argument("--out", default=None, help="demo folder (default runs/demo, runs/preference)")
     p.add_argument("--algos", default="grpo,ppo", help="comma-separated presets to train (default grpo,ppo)")
-    p.add_argument("--rl-minutes", type=float, default=10.0, help="RL time budget per algorithm (default 10)")
+    p.add_argument("--rl-minutes", type=float, default=None,
+                   help="RL time budget per algorithm (default 10; preference: 6)")
     p.add_argument("--sft-minutes", type=float, default=10.0,
                    help="continued supervised training for the baseline; 0 skips it (default 10)")
     p.set_defaults(fn=cmd_demo)

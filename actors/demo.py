@@ -82,3 +82,92 @@ def _report(results: dict) -> None:
         print(f"{algo:>5} after {r['elapsed_s'] / 60:4.1f} min of RL:                   {r['final_accuracy']:6.1%}"
               f"  ({gain:+.1f} points; {verdict} the +15-point, beat-SFT target)")
     print("=" * 72)
+
+
+# ----------------------------------------------------------------------------- the preference demo
+
+TRUE_SCORE_FN = "pipeline.demo.preference:true_score"
+
+
+def run_preference_demo(out: str = "runs/preference", ppo_minutes: float = 6.0, seed: int = 0,
+                        sft_steps: int = 400, rm_steps: int = 1500, n_pairs: int = 6000) -> dict:
+    """DeepSpeed-Chat's three steps on a task whose judge the pipeline never trains on
+    (`pipeline.demo.preference`): SFT on mediocre demonstrations, a reward model on noisy preference pairs,
+    PPO against the reward model with a k1 KL penalty to the SFT policy and the critic started from the
+    reward model. Prints the reward model's held-out accuracy against the noise ceiling and, before and
+    after PPO, the true score, the reward model's score and the KL to the SFT policy; writes
+    `<out>/preference_results.json` and `<out>/preference_scores.png` (true and reward-model score per step:
+    a rising reward-model score over a falling true score is reward hacking)."""
+    import mlflow
+    import pyarrow.parquet as pq
+
+    from actors.run import run_training
+    from pipeline.demo.preference import make_preference_task, measure_policy
+    from pipeline.plots import plot_comparison
+    from pipeline.supervised_runs import RewardModelConfig, SFTConfig, run_reward_model, run_sft
+    from pipeline.task_model import init_model
+
+    flip = 0.15
+    paths = make_preference_task(os.path.join(out, "data"), flip=flip, n_pairs=n_pairs, seed=seed)
+    print("=== 1/3 supervised fine-tuning on the demonstrations ===")
+    # The task's characters only: letters no demonstration or pair holds would be scored by the reward model
+    # blind (measured: PPO then collapsed onto such letters, reward-model score up, true score to ~0).
+    init = init_model([paths["demos"], paths["pairs"]], os.path.join(out, "init"), chat_template=False, seed=seed)
+    sft = run_sft(SFTConfig(model=init["path"], data=paths["demos"], out=os.path.join(out, "sft"), eval_size=200,
+                            lr=3e-3, batch_size=64, max_steps=sft_steps, eval_every=100, patience=None, seed=seed),
+                  overwrite=True)
+    print("\n=== 2/3 reward model on the preference pairs (Bradley-Terry, SFT backbone) ===")
+    rm = run_reward_model(RewardModelConfig(
+        model=sft["model_dir"], data=paths["pairs"], eval_data=paths["pairs_eval"],
+        out=os.path.join(out, "reward_model"), lr=2e-3, batch_size=64, max_steps=rm_steps, warmup_steps=50,
+        eval_every=100, patience=None, seed=seed), overwrite=True)
+    prompts = pq.read_table(paths["eval"]).column("prompt").to_pylist()
+    before = measure_policy(sft["model_dir"], sft["model_dir"], rm["model_dir"], prompts, seed=seed)
+    print(f"\n=== 3/3 PPO against the reward model, {ppo_minutes:g} minutes ===")
+    uri = demo_tracking_uri(out)
+    cfg = load_config("ppo", [
+        f"model.path={sft['model_dir']}", f"model.critic_path={rm['model_dir']}",
+        f"data.train_path={paths['prompts']}", "data.eval_path=null", "rollout.max_new_tokens=7",
+        # The judge rides along with weight 0: logged per step (reward/fn/...), never trained on.
+        f"reward.functions=[{TRUE_SCORE_FN}]", "reward.weights=[0.0]",
+        f"reward.models=[{{path: {rm['model_dir']}}}]", "reward.normalize=true", "reward.clip=5.0",
+        "algorithm.kl_coef=0.1", "algorithm.kl_in_reward=true", "algorithm.kl_estimator=k1",
+        "resources.cpus_per_rollout_worker=0.5",          # the reference takes 0.25 of the 2 CPUs
+        f"train.output_dir={out}/ppo", f"train.time_budget_s={ppo_minutes * 60}", f"train.seed={seed}",
+        f"tracking.tracking_uri={uri}", "tracking.run_name=preference-ppo"])
+    ppo = run_training(cfg, overwrite=True)
+    after = measure_policy(ppo["final_model"], sft["model_dir"], rm["model_dir"], prompts, seed=seed)
+    client = mlflow.MlflowClient(uri)
+    curves = {name: [(m.step, m.value) for m in sorted(client.get_metric_history(ppo["mlflow_run_id"], key),
+                                                       key=lambda m: m.step)]
+              for name, key in (("true score (hidden judge)", f"reward/fn/{TRUE_SCORE_FN}"),
+                                ("reward model score", "reward/fn/rm/reward_model"))}
+    results = {"reward_model_accuracy": rm["kept_metrics"]["eval/accuracy"], "noise_ceiling": 1 - flip,
+               "sft": {k: v for k, v in before.items() if k != "examples"},
+               "ppo": {k: v for k, v in after.items() if k != "examples"}, "ppo_steps": ppo["steps"],
+               "examples": {"sft": before["examples"], "ppo": after["examples"]}}
+    with open(os.path.join(out, "preference_results.json"), "w") as fh:
+        json.dump(results, fh, indent=2)
+    png = plot_comparison(curves, os.path.join(out, "preference_scores.png"), xlabel="PPO step",
+                          ylabel="mean score of the step's samples", title="PPO against a learned reward model")
+    _report_preference(results)
+    print(f"\nplot: {png}\nMLflow UI: mlflow ui --backend-store-uri {uri}")
+    return results
+
+
+def _report_preference(r: dict) -> None:
+    acc, ceiling = r["reward_model_accuracy"], r["noise_ceiling"]
+    s, p = r["sft"], r["ppo"]
+    target = s["true_score"] + 0.5 * (1.0 - s["true_score"])
+    print("\n" + "=" * 72)
+    print(f"reward model, held-out pairwise accuracy: {acc:.1%} (noise ceiling {ceiling:.0%}; "
+          f"{'meets' if acc >= 0.9 * ceiling else 'MISSES'} the 90%-of-ceiling target, {0.9 * ceiling:.1%})")
+    print(f"{'':24}{'true score':>12}{'reward model':>14}{'KL to SFT':>11}")
+    for name, m in (("SFT policy", s), (f"after PPO ({r['ppo_steps']} steps)", p)):
+        print(f"{name:24}{m['true_score']:12.3f}{m['reward_model_score']:14.3f}{m['kl_to_sft']:11.3f}")
+    verdict = "meets" if p["true_score"] >= target else "MISSES"
+    print(f"true score {s['true_score']:.3f} -> {p['true_score']:.3f} (max 1.0; {verdict} the half-way target "
+          f"{target:.3f})")
+    if p["reward_model_score"] > s["reward_model_score"] and p["true_score"] < s["true_score"]:
+        print("REWARD HACKING: the reward model's score rose while the true score fell")
+    print("=" * 72)

@@ -154,7 +154,8 @@ def _loop(cfg: RunConfig, trainer, tracker, run_dir: str, on_step, log) -> dict:
         now_s = trainer.elapsed_s + time.perf_counter() - start
         out_of_time = budget is not None and now_s >= budget
         timed_eval = t.eval_every_s is not None and now_s - last_eval_s >= t.eval_every_s
-        if step % t.eval_every == 0 or step == t.steps or out_of_time or timed_eval:
+        if trainer.eval_rows is not None and (step % t.eval_every == 0 or step == t.steps or out_of_time
+                                              or timed_eval):
             metrics["eval/accuracy"] = trainer.evaluate()
             last_eval_s = now_s
         trainer.elapsed_s += time.perf_counter() - start
@@ -194,4 +195,6 @@ def _loop(cfg: RunConfig, trainer, tracker, run_dir: str, on_step, log) -> dict:
     if history:
         log(f"done: {summary['steps']} steps in {summary['elapsed_s']:.0f} s, held-out exact match "
             f"{summary['initial_accuracy']:.1%} -> {summary['final_accuracy']:.1%} (best {summary['best_accuracy']:.1%})")
+    else:
+        log(f"done: {summary['steps']} steps in {summary['elapsed_s']:.0f} s (no data.eval_path: no held-out score)")
     return summary

@@ -59,8 +59,11 @@ def data_rows(paths: list[str]) -> list[str]:
 
 
 def init_model(paths: list[str], out_dir, *, tokenizer: str = "char", size: str = "tiny",
-               vocab_size: int = 1024, max_positions: Optional[int] = None, seed: int = 0) -> dict:
+               vocab_size: int = 1024, max_positions: Optional[int] = None, chat_template: bool = True,
+               seed: int = 0) -> dict:
     """Build the tokenizer from the files' text and a random Llama of `size`; save both to `out_dir`.
+    chat_template=False: a char vocabulary of the data's characters only (no template, none of its letters), so
+    the model cannot emit a character no training example holds.
     Returns {"path", "tokenizer", "vocab_size", "parameters", "max_positions", "chars" (char only)}."""
     from pipeline.models import load_causal_lm
     from pipeline.small_models import build_bpe_model, build_bpe_tokenizer, build_tiny_model
@@ -73,11 +76,11 @@ def init_model(paths: list[str], out_dir, *, tokenizer: str = "char", size: str 
     dims = MODEL_SIZES[size]
     info: dict = {"tokenizer": tokenizer}
     if tokenizer == "char":
-        chars = "".join(sorted(set("".join(rows)) | set(_TEMPLATE_TEXT)))
+        chars = "".join(sorted(set("".join(rows)) | (set(_TEMPLATE_TEXT) if chat_template else set())))
         longest = max(len(r) for r in rows)
         positions = max_positions or _context(longest)
         path = build_tiny_model(out_dir, max_positions=positions, seed=seed, chars=chars,
-                                chat_template=CHAR_CHAT_TEMPLATE, **dims)
+                                chat_template=CHAR_CHAT_TEMPLATE if chat_template else None, **dims)
         info["chars"] = chars
     else:
         fitted = build_bpe_tokenizer(rows, vocab_size)

@@ -1,0 +1,121 @@
+"""The preference demo's task: a hidden judge, noisy preference pairs drawn from it, and the measurements
+that show what PPO against a learned reward model did (true score, reward-model score, KL to the SFT policy).
+
+The prompt is four distinct letters of "abcdefgh" then ">", e.g. "bdfa>"; a completion is a few letters. The
+judge (`true_score`), which no training step ever calls, prefers completions made of the prompt's letters:
+the share of up to `MAX_LEN` completion characters that occur in the prompt (a completion longer than
+`MAX_LEN` scores 0). It needs the prompt to judge, as a human rater does. Its maximum is 1.0.
+
+- demonstrations (SFT): 4-6 letters whose quality varies from response to response (each letter is one of
+  the prompt's with a probability drawn uniformly per response), so the SFT policy is mediocre (~0.42);
+- preference pairs: two such responses per prompt, the one the judge scores higher is `chosen`; a share
+  `flip` of the labels is swapped, as human labels are noisy. With 15% flipped, no model can agree with
+  more than 85% of held-out labels: the noise ceiling.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+LETTERS = "abcdefgh"
+MAX_LEN = 6
+
+
+def true_score(prompts, completions, **_) -> list[float]:
+    """The hidden judge: share of the completion's characters (up to MAX_LEN) found in the prompt's letters."""
+    out = []
+    for prompt, completion in zip(prompts, completions):
+        letters, text = set(str(prompt).rstrip(">")), completion.strip()
+        out.append(0.0 if len(text) > MAX_LEN else sum(ch in letters for ch in text) / MAX_LEN)
+    return out
+
+
+def _prompt(rng: random.Random) -> str:
+    return "".join(rng.sample(LETTERS, 4)) + ">"
+
+
+def _response(rng: random.Random, prompt: str) -> str:
+    """4-6 letters of varying quality: each is one of the prompt's letters with a probability drawn per
+    response (uniform in [0, 1]), else one of the other four."""
+    inside = prompt.rstrip(">")
+    outside = [c for c in LETTERS if c not in inside]
+    quality = rng.random()
+    return "".join(rng.choice(inside) if rng.random() < quality else rng.choice(outside)
+                   for _ in range(rng.randint(4, MAX_LEN)))
+
+
+def make_preference_task(out_dir, *, n_demos: int = 2000, n_pairs: int = 6000, n_eval_pairs: int = 600,
+                         n_prompts: int = 20000, n_eval: int = 300, flip: float = 0.15, min_gap: float = 2 / MAX_LEN,
+                         seed: int = 0) -> dict:
+    """Write demos.parquet (prompt, response), pairs.parquet and pairs_eval.parquet (prompt, chosen, rejected),
+    prompts.parquet (the RL pool) and eval.parquet (held-out prompts). Pairs whose two responses the judge scores
+    less than `min_gap` apart are redrawn: raters skip near-ties. Returns {name: path}."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def pairs(n: int) -> "pa.Table":
+        rows = []
+        while len(rows) < n:
+            prompt = _prompt(rng)
+            a, b = _response(rng, prompt), _response(rng, prompt)
+            sa, sb = true_score([prompt, prompt], [a, b])
+            if abs(sa - sb) < min_gap - 1e-9:     # a near-tie: raters skip those ("about the same")
+                continue
+            chosen, rejected = (a, b) if sa > sb else (b, a)
+            if rng.random() < flip:
+                chosen, rejected = rejected, chosen
+            rows.append((prompt, chosen, rejected))
+        p, c, r = zip(*rows)
+        return pa.table({"prompt": list(p), "chosen": list(c), "rejected": list(r)})
+
+    tables = {
+        "demos": pa.table(dict(zip(("prompt", "response"), zip(*[(p, _response(rng, p)) for p in
+                                                                  (_prompt(rng) for _ in range(n_demos))])))),
+        "pairs": pairs(n_pairs),
+        "pairs_eval": pairs(n_eval_pairs),
+        "prompts": pa.table({"prompt": [_prompt(rng) for _ in range(n_prompts)]}),
+        "eval": pa.table({"prompt": [_prompt(rng) for _ in range(n_eval)]}),
+    }
+    paths = {}
+    for name, table in tables.items():
+        paths[name] = str(out / f"{name}.parquet")
+        pq.write_table(table, paths[name])
+    return paths
+
+
+def measure_policy(policy_dir, reference_dir, reward_model_dir, prompts: list[str], *, samples: int = 4,
+                   max_new_tokens: int = MAX_LEN + 1, seed: int = 0) -> dict:
+    """Sample `samples` completions per prompt at temperature 1 from the policy; return the mean true score,
+    the mean reward-model score and the KL to the reference (the SFT policy) per completion, estimated as
+    the mean over samples of sum_t log pi(y_t) - log pi_ref(y_t) (k1, unbiased)."""
+    import torch
+
+    from pipeline.generation import neutral_generation_config, sample_completions
+    from pipeline.models import completion_forward, load_causal_lm, load_tokenizer
+    from pipeline.reward_models import RewardModelFunction
+
+    policy, tokenizer = load_causal_lm(policy_dir), load_tokenizer(policy_dir)
+    policy.generation_config = neutral_generation_config(policy, tokenizer)
+    reference = load_causal_lm(reference_dir)
+    repeated = [p for p in prompts for _ in range(samples)]
+    with torch.no_grad():
+        out = sample_completions(policy, tokenizer, repeated, max_new_tokens, do_sample=True, temperature=1.0,
+                                 generator_seed=seed)
+        batch = {k: out[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")}
+        mask = batch["completion_mask"].float()
+        logp = completion_forward(policy, **batch)["logprobs"]
+        ref = completion_forward(reference, **batch)["logprobs"]
+    completions = out["completions"]
+    rm = RewardModelFunction(str(reward_model_dir))(repeated, completions)
+    return {"true_score": sum(true_score(repeated, completions)) / len(repeated),
+            "reward_model_score": sum(rm) / len(rm),
+            "kl_to_sft": float(((logp - ref) * mask).sum(-1).mean()),
+            "mean_length": float(mask.sum(-1).mean()),
+            "examples": [(p, c) for p, c in zip(repeated[:8:samples], completions[:8:samples])]}
+
+
+__all__ = ["LETTERS", "MAX_LEN", "true_score", "make_preference_task", "measure_policy"]

@@ -1,0 +1,50 @@
+"""The preference demo's task and judge by hand, its pairs' noise, the KL measurement, and the demo end to end
+on a small budget (SFT -> reward model -> PPO against it, scores before and after, the plot)."""
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.demo.preference import MAX_LEN, make_preference_task, true_score
+
+
+@pytest.mark.unit
+def test_the_hidden_judge_by_hand():
+    assert true_score(["abcd>", "abcd>", "abcd>", "abcd>"], ["abca", "efgh", "abcdab", "abcdabc"]) == \
+        pytest.approx([4 / 6, 0.0, 1.0, 0.0])          # longer than MAX_LEN scores 0
+    assert MAX_LEN == 6
+
+
+def test_pairs_carry_the_configured_label_noise(tmp_path):
+    paths = make_preference_task(tmp_path, n_demos=10, n_pairs=4000, n_eval_pairs=10, n_prompts=10, n_eval=10,
+                                 flip=0.15, seed=3)
+    t = pq.read_table(paths["pairs"]).to_pydict()
+    chosen, rejected = true_score(t["prompt"], t["chosen"]), true_score(t["prompt"], t["rejected"])
+    agree = sum(c > r for c, r in zip(chosen, rejected)) / len(chosen)
+    assert 0.83 < agree < 0.87                                    # 15% flipped, +- 2 sd at n = 4000
+    assert min(abs(c - r) for c, r in zip(chosen, rejected)) >= 2 / 6 - 1e-9   # near-ties skipped
+    assert set(pq.read_table(paths["demos"]).column_names) == {"prompt", "response"}
+
+
+def test_init_model_without_template_has_only_the_data_characters(tmp_path):
+    from pipeline.task_model import init_model
+
+    paths = make_preference_task(tmp_path / "d", n_demos=20, n_pairs=20, n_eval_pairs=5, n_prompts=5, n_eval=5)
+    info = init_model([paths["demos"], paths["pairs"]], tmp_path / "m", chat_template=False)
+    assert info["chars"] == ">abcdefgh" and info["vocab_size"] == 4 + 9
+
+
+@pytest.mark.slow
+def test_preference_demo_end_to_end_on_a_small_budget(tmp_path, capsys):
+    from actors.demo import run_preference_demo
+
+    out = tmp_path / "pref"
+    results = run_preference_demo(str(out), ppo_minutes=0.5, sft_steps=100, rm_steps=200, n_pairs=1000)
+    printed = capsys.readouterr().out
+    assert "reward model, held-out pairwise accuracy" in printed and "true score" in printed
+    saved = json.loads((out / "preference_results.json").read_text())
+    assert saved["sft"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-6)      # the SFT policy against itself
+    assert saved["ppo"]["kl_to_sft"] > 0 and results["ppo_steps"] > 0
+    assert 0.5 < saved["reward_model_accuracy"] <= 1.0 and saved["noise_ceiling"] == 0.85
+    assert os.path.getsize(out / "preference_scores.png") > 10_000
