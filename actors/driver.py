@@ -21,7 +21,9 @@ from pipeline.algorithms.advantages import AdvantageInputs, compute_advantages, 
 from pipeline.algorithms.core import kl_penalty, masked_mean
 from pipeline.batch import Rollout, TrainBatch, concat_rollouts, split_indices
 from pipeline.config import RunConfig, learner_old_logprobs
-from pipeline.rewards import RunningMoments, merge_scored_shards, shape_scores
+from pipeline.rewards import RewardFailure, RunningMoments, merge_scored_shards, shape_scores
+
+REPORT_FAILED_SHARE = 0.1     # a step with this share of failed samples prints the failure
 
 
 class StageTimer:
@@ -51,6 +53,8 @@ class Trainer:
         self.resent_shards = 0             # shards resent after an actor died, over the whole run
         self.last_batch: TrainBatch | None = None
         self.reward_moments = RunningMoments() if cfg.reward.normalize else None
+        self.reported_reward_errors: set[str] = set()    # functions whose first failure was printed
+        self.all_failed_steps = 0                         # steps in a row where every sample's reward failed
 
     def _eval_rows(self, table):
         if table is None:
@@ -118,6 +122,7 @@ class Trainer:
                  "reward/solved_groups": _solved_fraction(scores, rollout.group_ids)}
         if shaped is not scores:       # what the advantages see, after normalising / clipping
             stats["reward/shaped_mean"] = shaped.mean().item()
+        self.report_reward_failures(scored.errors, int(failed.sum()), N)
         if len(scored.per_function) > 1:   # one function: its mean is reward/mean
             for name, values in scored.per_function.items():
                 ok = [v for v in values if v is not None]
@@ -127,6 +132,22 @@ class Trainer:
             batch = batch.keep_rows(~failed)
             stats["reward/dropped"] = int(failed.sum())
         return batch, stats
+
+    def report_reward_failures(self, errors: dict[str, str], failed: int, n: int) -> None:
+        """Print a function's first failure once, when at least `REPORT_FAILED_SHARE` of a step's samples
+        failed; raise `RewardFailure` when every sample failed `reward.max_failed_steps` steps in a row."""
+        if failed >= REPORT_FAILED_SHARE * n:
+            for name, error in errors.items():
+                if name not in self.reported_reward_errors:
+                    self.reported_reward_errors.add(name)
+                    print(f"reward: {failed} of step {self.step_count + 1}'s {n} samples failed "
+                          f"(reward/failed); {name} first failed with: {error}", flush=True)
+        self.all_failed_steps = self.all_failed_steps + 1 if failed == n else 0
+        limit = self.cfg.reward.max_failed_steps
+        if self.all_failed_steps >= limit:
+            first = "; ".join(f"{k}: {v}" for k, v in errors.items()) or "every function returned None"
+            raise RewardFailure(f"every sample's reward failed for {limit} steps in a row ({first}); fix the reward "
+                                f"function and resume with --resume, or raise reward.max_failed_steps")
 
     def reference_and_values(self, batch: TrainBatch) -> dict[str, float]:
         """Rollout-time values and (when recomputed) pi_old from the learners, log pi_ref from the reference:

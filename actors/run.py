@@ -5,6 +5,7 @@ Uses `pipeline.preflight` (checks before anything is written), `actors.pools` (p
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -28,6 +29,12 @@ def init_ray(cfg: RunConfig, address: Optional[str] = None) -> bool:
     if address:
         ray.init(address=address, logging_level="WARNING")
         return False
+    # Ray 2.60 warns on every local start that token authentication is on. It stays on (README: Running on a
+    # cluster); the warning, which a local user can only act on by turning auth off, is dropped.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    from actors.reaper import driver_descendants, start_reaper
+
+    before = driver_descendants()
     # address="local": without it ray.init joins whatever cluster /tmp/ray/ray_current_cluster names (a
     # `ray start` head or another process's Ray on this machine) and then fails on num_cpus.
     # Progress bars of every actor's model load would interleave on the driver's console.
@@ -35,6 +42,7 @@ def init_ray(cfg: RunConfig, address: Optional[str] = None) -> bool:
            "HF_HUB_DISABLE_PROGRESS_BARS": os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "1")}
     ray.init(address="local", num_cpus=cfg.resources.num_cpus or os.cpu_count(), include_dashboard=False,
              logging_level="WARNING", runtime_env={"env_vars": env})
+    start_reaper(before)       # this Ray's processes end with this driver, even when it is killed
     return True
 
 

@@ -112,6 +112,8 @@ class RewardConfig:
     on_failure: str = F("score", "A sample whose reward failed: `score` trains on it with failed_reward (TRL, "
                         "OpenRLHF); `drop` leaves it out of the loss and of its group's statistics.",
                         choices=("score", "drop"))
+    max_failed_steps: int = F(3, "Stop the run with an error when every sample's reward failed this many steps in "
+                              "a row (a broken reward function trains on nothing but failed_reward).", lo=1)
     models: list = F(None, "Learned reward models served by every scorer, each a mapping {path, weight (1.0), "
                      "batch_size (64), dtype (float32), name}: `path` a one-label sequence classifier folder (made by "
                      "`rlpipe reward-model`). Their scores join the functions' in the weighted sum, logged per model "

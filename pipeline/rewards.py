@@ -16,7 +16,7 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 from pipeline.errors import UserInputError
@@ -69,6 +69,10 @@ def format_number(prompts: list[str], completions: list[str], **_) -> list[float
     return [float(_NUMBER.match(c) is not None) for c in completions]
 
 
+class RewardFailure(UserInputError):
+    """Every sample's reward failed for `reward.max_failed_steps` steps in a row: the reward code is broken."""
+
+
 class RewardLoadError(UserInputError):
     """A reward function name that is neither registered nor importable."""
 
@@ -103,6 +107,7 @@ class ScoredShard:
     scores: list[float]        # (n,) weighted sum; failed samples get failed_reward
     failed: list[bool]         # (n,) some function raised or returned None/NaN for this sample
     per_function: dict         # name -> (n,) raw values (None where failed): logged as reward/fn/<name>
+    errors: dict = field(default_factory=dict)   # name -> the first failure of that function, as text
 
 
 def merge_scored_shards(n: int, shards: list[tuple[list[int], ScoredShard]]) -> ScoredShard:
@@ -111,7 +116,10 @@ def merge_scored_shards(n: int, shards: list[tuple[list[int], ScoredShard]]) -> 
     seen = [0] * n
     scores, failed = [0.0] * n, [False] * n
     per_function: dict[str, list] = {}
+    errors: dict[str, str] = {}
     for index, shard in shards:
+        for name, error in shard.errors.items():
+            errors.setdefault(name, error)
         for j, i in enumerate(index):
             seen[i] += 1
             scores[i], failed[i] = shard.scores[j], shard.failed[j]
@@ -120,7 +128,7 @@ def merge_scored_shards(n: int, shards: list[tuple[list[int], ScoredShard]]) -> 
     wrong = [i for i, count in enumerate(seen) if count != 1]
     if wrong:
         raise RuntimeError(f"samples {wrong[:10]} were scored {[seen[i] for i in wrong[:10]]} times; expected once each")
-    return ScoredShard(scores=scores, failed=failed, per_function=per_function)
+    return ScoredShard(scores=scores, failed=failed, per_function=per_function, errors=errors)
 
 
 def reward_model_names(models: Sequence[dict]) -> list[str]:
@@ -162,34 +170,44 @@ class RewardComposer:
         n = len(prompts)
         total = [0.0] * n
         failed = [False] * n
-        per_function = {}
+        per_function, errors = {}, {}
         for spec, fn, w in zip(self.specs, self.fns, self.weights):
-            values = self._call(fn, prompts, completions, columns)
+            values, error = self._call(fn, prompts, completions, columns)
             per_function[spec] = values
+            if error is not None:
+                errors[spec] = error
             for i, v in enumerate(values):
                 if v is None:
                     failed[i] = True
                 else:
                     total[i] += w * v
         scores = [self.failed_reward if f else s for s, f in zip(total, failed)]
-        return ScoredShard(scores=scores, failed=failed, per_function=per_function)
+        return ScoredShard(scores=scores, failed=failed, per_function=per_function, errors=errors)
 
     @staticmethod
-    def _call(fn: RewardFn, prompts, completions, columns) -> list[Optional[float]]:
+    def _call(fn: RewardFn, prompts, completions, columns) -> tuple[list[Optional[float]], Optional[str]]:
+        """(one value or None per sample, the first failure as text or None). A function that raises is retried
+        one sample at a time, so only the samples it fails on fail; one that returns the wrong number of values
+        failed on the whole batch (which value belongs to which sample is unknown)."""
         n = len(prompts)
         try:
             values = list(fn(prompts, completions, **columns))
-            if len(values) != n:
-                raise ValueError(f"returned {len(values)} values for {n} samples")
-        except Exception:  # user code: isolate the failing samples by retrying one at a time
+        except Exception as err:  # user code: isolate the failing samples by retrying one at a time
+            error = f"{type(err).__name__}: {err}"
             values = []
             for i in range(n):
                 try:
-                    one = fn(prompts[i:i + 1], completions[i:i + 1], **{k: v[i:i + 1] for k, v in columns.items()})
+                    one = list(fn(prompts[i:i + 1], completions[i:i + 1],
+                                  **{k: v[i:i + 1] for k, v in columns.items()}))
                     values.append(one[0] if len(one) == 1 else None)
                 except Exception:
                     values.append(None)
-        return [_finite_or_none(v) for v in values]
+            return [_finite_or_none(v) for v in values], error
+        if len(values) != n:
+            return [None] * n, f"returned {len(values)} values for {n} samples (one per sample expected)"
+        checked = [_finite_or_none(v) for v in values]
+        bad = next((v for v, c in zip(values, checked) if c is None and v is not None), None)
+        return checked, (f"returned {bad!r:.60}, not a finite number" if bad is not None else None)
 
 
 class RunningMoments:

@@ -284,7 +284,9 @@ class ConsoleLog:
         if "reward/mean" in m:
             std = f"±{m['reward/std']:.2f}" if "reward/std" in m else ""
             parts.append(f"reward {m['reward/mean']:.2f}{std}")
-        if "eval/accuracy" in m:
+        if m.get("reward/failed"):
+            parts.append(f"failed {m['reward/failed']:.0f}")
+        if m.get("eval/accuracy") is not None:
             parts.append(f"eval {100 * m['eval/accuracy']:.1f}%")
         if "policy/kl" in m:
             parts.append(f"kl {m['policy/kl']:.3g}")

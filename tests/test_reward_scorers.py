@@ -141,3 +141,13 @@ def test_two_reward_model_scorers_load_once_score_each_sample_once_and_survive_a
         assert trainer.reward_moments.count == 64
     finally:
         pools.shutdown()
+
+
+def test_critic_from_a_causal_lm_prints_no_load_report(tiny_task, capfd):
+    """The critic's trunk comes from a causal-LM folder whose lm_head it does not use: that is intended, and
+    transformers' "lm_head.weight UNEXPECTED" table is not printed."""
+    from pipeline.models import ValueModel
+
+    ValueModel(tiny_task["model"])
+    captured = capfd.readouterr()
+    assert "UNEXPECTED" not in captured.out + captured.err and "lm_head" not in captured.out + captured.err

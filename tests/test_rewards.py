@@ -4,7 +4,8 @@ import textwrap
 
 import pytest
 
-from pipeline.rewards import REWARD_FUNCTIONS, RewardComposer, RewardLoadError, resolve_reward_fn
+from pipeline.rewards import (REWARD_FUNCTIONS, RewardComposer, RewardLoadError, ScoredShard, merge_scored_shards,
+                              resolve_reward_fn)
 
 pytestmark = pytest.mark.unit
 
@@ -40,6 +41,12 @@ def user_module(tmp_path, monkeypatch):
         def undecided(prompts, completions, **columns):
             return [None if c == "?" else 1.0 for c in completions]
 
+        def one_value(prompts, completions, **columns):
+            return [1.0]
+
+        def words(prompts, completions, **columns):
+            return ["good" for c in completions]
+
         not_a_function = 3
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -69,6 +76,29 @@ def test_raising_sample_fails_alone_and_weights_sum(user_module):
     shard = composer.score(["a", "b", "c"], ["12", "boom", "13"], {"answer": ["12", "12", "12"]})
     assert shard.failed == [False, True, False]
     assert shard.scores == pytest.approx([1.0 - 0.5 * 0.2, -1.0, 0.0 - 0.5 * 0.2])
+
+
+def test_a_wrong_number_of_values_fails_the_whole_batch(user_module):
+    """[1.0] for 3 samples: which sample it belongs to is unknown, so none gets it (it used to be retried one
+    sample at a time, where [1.0] fits, and every sample silently got 1.0)."""
+    composer = RewardComposer([f"{user_module}:one_value"], failed_reward=-1.0)
+    shard = composer.score(["a", "b", "c"], ["x", "y", "z"], {})
+    assert shard.failed == [True] * 3 and shard.scores == [-1.0] * 3
+    assert shard.errors == {f"{user_module}:one_value": "returned 1 values for 3 samples (one per sample expected)"}
+
+
+def test_the_first_failure_of_each_function_travels_with_the_shard(user_module):
+    composer = RewardComposer([f"{user_module}:picky", f"{user_module}:words"])
+    shard = composer.score(["a", "b"], ["boom", "12"], {"answer": ["12", "12"]})
+    assert shard.errors == {f"{user_module}:picky": "ValueError: cannot parse",
+                            f"{user_module}:words": "returned 'good', not a finite number"}
+    merged = merge_scored_shards(2, [([1], ScoredShard([0.0], [False], {}, {})), ([0], shard_of(shard, 0))])
+    assert merged.errors == shard.errors
+
+
+def shard_of(shard, i):
+    return ScoredShard([shard.scores[i]], [shard.failed[i]], {k: [v[i]] for k, v in shard.per_function.items()},
+                       shard.errors)
 
 
 def test_none_and_nan_mark_failure(user_module):

@@ -193,6 +193,11 @@ def test_a_new_task_from_parquet_to_rl_policy_through_the_cli(tmp_path):
     def run(*args):
         done = subprocess.run([rlpipe, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
+        # nothing on the console a user cannot act on: progress bars of every load and save, Ray's auth notice,
+        # the critic's "lm_head.weight UNEXPECTED" load report, MLflow's table creation
+        for noise in ("Loading weights", "Writing model shards", "Token authentication is enabled", "UNEXPECTED",
+                      "Creating initial MLflow database tables"):
+            assert noise not in done.stdout + done.stderr, (noise, done.stderr[-2000:])
         return done.stdout
 
     run("init-model", "--data", "labelled.parquet", "prompts.parquet", "--out", "model")

@@ -85,6 +85,7 @@ def test_interrupted_run_resumes_without_logging_a_step_twice(tiny_task, tmp_pat
     ("not_a_model", "is not a Hugging Face model folder"),
     ("bad_reward", "cannot import module 'no_such_module'"),
     ("too_long", "but the model has 64"),
+    ("int_prompts", "prompt 0 is neither text nor a list of {role, content} messages: 12"),
 ])
 def test_bad_input_one_clear_error_and_no_run_dir(tiny_task, tmp_path, capsys, case, fragment):
     out = tmp_path / "bad"
@@ -104,6 +105,12 @@ def test_bad_input_one_clear_error_and_no_run_dir(tiny_task, tmp_path, capsys, c
 
         pq.write_table(pa.table({"prompt": ["1+2=", "1" * 60 + "+2="], "answer": ["3", "3"]}), tmp_path / "long.parquet")
         args.append(f"data.train_path={tmp_path}/long.parquet")
+    elif case == "int_prompts":  # used to be a transformers traceback and a half-made run directory
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"prompt": [12, 13], "answer": ["3", "3"]}), tmp_path / "ints.parquet")
+        args.append(f"data.train_path={tmp_path}/ints.parquet")
     else:
         args.append("reward.functions=[no_such_module:score]")
     assert main(["train", "--config", "grpo", *args]) == 2
@@ -131,6 +138,25 @@ def test_reward_that_raises_on_a_sample_is_counted_and_run_goes_on(tiny_task, tm
     dropped = sum(m.value for m in client.get_metric_history(summary["mlflow_run_id"], "reward/dropped"))
     assert summary["steps"] == 2 and failed > 0
     assert dropped == (failed if on_failure == "drop" else 0)
+
+
+@pytest.mark.slow
+def test_a_reward_that_always_fails_is_reported_and_stops_the_run(tiny_task, tmp_path, capsys, monkeypatch):
+    """A function that returns text for every sample: the step line shows the failures, its first failure is
+    printed once, and the run stops with one clear error after reward.max_failed_steps steps."""
+    (tmp_path / "wordy.py").write_text("def wordy(prompts, completions, **columns):\n"
+                                       "    return ['great' for c in completions]\n")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "wordy_run"
+    args = run_args(tiny_task, out, "reward.functions=[wordy:wordy]", "train.steps=10", "reward.max_failed_steps=2",
+                    "train.eval_every=100")
+    assert main(["train", "--config", "grpo", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.count("wordy:wordy first failed with: returned 'great', not a finite number") == 1
+    assert "| failed 32 |" in captured.out
+    errors = [line for line in captured.err.splitlines() if line.startswith("rlpipe train: error:")]
+    assert len(errors) == 1 and "every sample's reward failed for 2 steps in a row" in errors[0], captured.err[-2000:]
+    assert "wordy:wordy: returned 'great'" in errors[0]
 
 
 @pytest.mark.slow
