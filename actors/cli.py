@@ -122,10 +122,11 @@ def cmd_demo(args) -> int:
     from actors.demo import run_demo, run_preference_demo
 
     if args.task == "preference":
-        run_preference_demo(args.out or "runs/preference", ppo_minutes=args.rl_minutes or 6.0)
+        run_preference_demo(args.out or "runs/preference", ppo_minutes=args.rl_minutes or 10.0,
+                            seed=args.seed or 0)
     else:
         run_demo(args.out or "runs/demo", algos=args.algos.split(","), rl_minutes=args.rl_minutes or 10.0,
-                 sft_minutes=args.sft_minutes)
+                 sft_minutes=args.sft_minutes, seed=args.seed)
     return 0
 
 
@@ -201,7 +202,9 @@ def build_parser(extra_commands: Optional[dict[str, Callable]] = None) -> argpar
     p.add_argument("--out", default=None, help="demo folder (default runs/demo, runs/preference)")
     p.add_argument("--algos", default="grpo,ppo", help="comma-separated presets to train (default grpo,ppo)")
     p.add_argument("--rl-minutes", type=float, default=None,
-                   help="RL time budget per algorithm (default 10; preference: 6)")
+                   help="RL time budget per algorithm (default 10)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of data, models and training (default: arithmetic 1, the measured one; preference 0)")
     p.add_argument("--sft-minutes", type=float, default=10.0,
                    help="continued supervised training for the baseline; 0 skips it (default 10)")
     p.set_defaults(fn=cmd_demo)

@@ -89,7 +89,7 @@ def _report(results: dict) -> None:
 TRUE_SCORE_FN = "pipeline.demo.preference:true_score"
 
 
-def run_preference_demo(out: str = "runs/preference", ppo_minutes: float = 6.0, seed: int = 0,
+def run_preference_demo(out: str = "runs/preference", ppo_minutes: float = 10.0, seed: int = 0,
                         sft_steps: int = 400, rm_steps: int = 1500, n_pairs: int = 6000) -> dict:
     """DeepSpeed-Chat's three steps on a task whose judge the pipeline never trains on
     (`pipeline.demo.preference`): SFT on mediocre demonstrations, a reward model on noisy preference pairs,

@@ -88,10 +88,6 @@ class RewardModelConfig(SupervisedRunConfig):
                                   "positions.", lo=8)
 
 
-def config_fields(cls) -> list[dataclasses.Field]:
-    return list(dataclasses.fields(cls))
-
-
 def build_run_config(cls, values: dict):
     """`cls` from {field: value} (unknown keys refused, each value checked against its field)."""
     hints = typing.get_type_hints(cls)
@@ -261,5 +257,5 @@ def finish_run(trainer, result: dict, out: Path, tracker, log) -> dict:
     return summary
 
 
-__all__ = ["SupervisedRunConfig", "SFTConfig", "RewardModelConfig", "run_reward_model", "build_run_config", "read_run_settings", "open_run_folder",
-           "run_sft", "finish_run", "config_fields"]
+__all__ = ["SupervisedRunConfig", "SFTConfig", "RewardModelConfig", "build_run_config", "read_run_settings",
+           "open_run_folder", "run_sft", "run_reward_model", "finish_run"]
