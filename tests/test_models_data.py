@@ -214,3 +214,17 @@ def test_lr_schedule_warms_up_then_decays_to_a_tenth():
     assert lr_factor(55, 10, 100) == pytest.approx(0.55)
     assert lr_factor(100, 10, 100) == lr_factor(500, 10, 100) == pytest.approx(0.1)
     assert lr_factor(500, 0, None) == 1.0
+
+
+def test_warm_start_and_baseline_run_with_the_demo_thread_count():
+    """The plateau follows the floating-point order, which follows the thread count: the demo fixes it and
+    gives the caller's back."""
+    from pipeline.demo.warmstart import DEMO_THREADS, _demo_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert _demo_threads(torch.get_num_threads)() == DEMO_THREADS == 2
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
