@@ -55,6 +55,23 @@ def read_prompt_table(path, required_columns=("prompt",)) -> pa.Table:
     return table
 
 
+def hold_out(rows, n_eval: int, seed: int, unit: str = "rows"):
+    """(train, held-out) copies of `rows`, a dataclass with a `path` and per-row list fields (a field that is
+    None, an absent optional column, stays None): `n_eval` rows drawn at random (seeded) are held out."""
+    import dataclasses
+
+    n = len(rows)
+    if not 0 < n_eval < n:
+        raise DataError(f"{rows.path}: cannot hold out {n_eval} of {n} {unit} for evaluation; give --eval-data, or "
+                        f"a --eval-size between 1 and the number of {unit} - 1")
+    order = np.random.default_rng(seed).permutation(n)
+
+    def take(index) -> object:
+        return dataclasses.replace(rows, **{f.name: [getattr(rows, f.name)[int(i)] for i in index]
+                                            for f in dataclasses.fields(rows) if isinstance(getattr(rows, f.name), list)})
+    return take(order[n_eval:]), take(order[:n_eval])
+
+
 # ----------------------------------------------------------------------------- sampling
 
 class PromptSampler:
@@ -97,4 +114,4 @@ class PromptSampler:
         self._order = self._permutation(self.epoch)
 
 
-__all__ = ["DataError", "read_prompt_table", "PromptSampler"]
+__all__ = ["DataError", "read_prompt_table", "hold_out", "PromptSampler"]

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from pipeline.data import DataError, read_prompt_table
+from pipeline.data import DataError, hold_out, read_prompt_table
 
 
 @dataclass
@@ -24,19 +24,7 @@ class PreferencePairs:
 
     def split(self, n_eval: int, seed: int) -> tuple["PreferencePairs", "PreferencePairs"]:
         """(train, held-out): `n_eval` pairs drawn at random (seeded) for evaluation, the rest for training."""
-        import numpy as np
-
-        if not 0 < n_eval < len(self):
-            raise DataError(f"{self.path}: cannot hold out {n_eval} of {len(self)} pairs for evaluation; give "
-                            "--eval-data, or an --eval-size between 1 and the number of pairs - 1")
-        order = np.random.default_rng(seed).permutation(len(self))
-        return self._take(order[n_eval:]), self._take(order[:n_eval])
-
-    def _take(self, rows) -> "PreferencePairs":
-        rows = [int(i) for i in rows]
-        pick = lambda xs: None if xs is None else [xs[i] for i in rows]  # noqa: E731
-        return PreferencePairs(self.path, pick(self.prompts), pick(self.chosen), pick(self.rejected),
-                               pick(self.margins))
+        return hold_out(self, n_eval, seed, "pairs")
 
 
 def _rows(indices: list[int]) -> str:

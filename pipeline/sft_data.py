@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from pipeline.data import DataError, read_prompt_table
+from pipeline.data import DataError, hold_out, read_prompt_table
 
 
 @dataclass
@@ -31,18 +31,7 @@ class Demonstrations:
 
     def split(self, n_eval: int, seed: int) -> tuple["Demonstrations", "Demonstrations"]:
         """(train, held-out): `n_eval` rows drawn at random (seeded) for evaluation, the rest for training."""
-        import numpy as np
-
-        if not 0 < n_eval < len(self):
-            raise DataError(f"{self.path}: cannot hold out {n_eval} of {len(self)} rows for evaluation; give "
-                            "--eval-data, or a --eval-size between 1 and the number of rows - 1")
-        order = np.random.default_rng(seed).permutation(len(self))
-        return self._take(order[n_eval:]), self._take(order[:n_eval])
-
-    def _take(self, rows) -> "Demonstrations":
-        rows = [int(i) for i in rows]
-        return Demonstrations(self.path, [self.prompts[i] for i in rows], [self.responses[i] for i in rows],
-                              None if self.answers is None else [self.answers[i] for i in rows])
+        return hold_out(self, n_eval, seed, "rows")
 
 
 def _is_message(m: Any) -> bool:

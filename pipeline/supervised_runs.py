@@ -174,7 +174,6 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False,
 
     from pipeline.models import load_causal_lm, load_model_config, load_tokenizer
     from pipeline.prompts import PromptFormat
-    from pipeline.trainers.loop import train_loop
     from pipeline.trainers.sft import SupervisedTrainer
 
     torch.manual_seed(cfg.seed)
@@ -192,15 +191,8 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False,
         max_new_tokens=cfg.max_new_tokens, max_grad_norm=cfg.max_grad_norm, compute_dtype=cfg.dtype,
         micro_batch_tokens=cfg.micro_batch_tokens, gradient_checkpointing=cfg.gradient_checkpointing,
         prompt_format=prompt_format)
-    out, tracker = open_run_folder(cfg, "sft.yaml", resume=resume, overwrite=overwrite)
-    log(f"sft: {len(train)} training rows, {len(held_out)} held out; "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; run folder {out}")
-    with tracker:
-        result = train_loop(trainer, eval_every=cfg.eval_every, max_steps=cfg.max_steps,
-                            time_budget_s=None if cfg.minutes is None else 60 * cfg.minutes,
-                            patience=cfg.patience, run_dir=str(out), checkpoint_every=cfg.checkpoint_every,
-                            resume=resume, tracker=tracker, log=log)
-        return finish_run(trainer, result, out, tracker, log)
+    return train_in_run_folder(cfg, trainer, "sft.yaml", f"sft: {len(train)} training rows, {len(held_out)} held out",
+                               resume=resume, overwrite=overwrite, log=log)
 
 
 def run_reward_model(cfg: RewardModelConfig, *, resume: bool = False, overwrite: bool = False,
@@ -212,7 +204,6 @@ def run_reward_model(cfg: RewardModelConfig, *, resume: bool = False, overwrite:
     from pipeline.preference_data import read_preference_pairs
     from pipeline.prompts import max_positions
     from pipeline.reward_models import build_reward_model
-    from pipeline.trainers.loop import train_loop
     from pipeline.trainers.reward_model import RewardModelTrainer
 
     torch.manual_seed(cfg.seed)
@@ -230,9 +221,18 @@ def run_reward_model(cfg: RewardModelConfig, *, resume: bool = False, overwrite:
         compute_dtype=cfg.dtype, micro_batch_tokens=cfg.micro_batch_tokens,
         gradient_checkpointing=cfg.gradient_checkpointing,
         max_length=cfg.max_length or max_positions(model.config))
-    out, tracker = open_run_folder(cfg, "reward_model.yaml", resume=resume, overwrite=overwrite)
-    log(f"reward model: {len(train)} training pairs, {len(held_out)} held out; {model.reward_layout} layout, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; run folder {out}")
+    return train_in_run_folder(cfg, trainer, "reward_model.yaml",
+                               f"reward model: {len(train)} training pairs, {len(held_out)} held out; "
+                               f"{model.reward_layout} layout", resume=resume, overwrite=overwrite, log=log)
+
+
+def train_in_run_folder(cfg: SupervisedRunConfig, trainer, settings_name: str, what: str, *, resume: bool,
+                        overwrite: bool, log: Callable[[str], None]) -> dict:
+    """Open the run folder (all input is checked by now), run `train_loop` with cfg's schedule, finish the run."""
+    from pipeline.trainers.loop import train_loop
+
+    out, tracker = open_run_folder(cfg, settings_name, resume=resume, overwrite=overwrite)
+    log(f"{what}; {sum(p.numel() for p in trainer.model.parameters()) / 1e6:.1f} M parameters; run folder {out}")
     with tracker:
         result = train_loop(trainer, eval_every=cfg.eval_every, max_steps=cfg.max_steps,
                             time_budget_s=None if cfg.minutes is None else 60 * cfg.minutes,
@@ -258,4 +258,4 @@ def finish_run(trainer, result: dict, out: Path, tracker, log) -> dict:
 
 
 __all__ = ["SupervisedRunConfig", "SFTConfig", "RewardModelConfig", "build_run_config", "read_run_settings",
-           "open_run_folder", "run_sft", "run_reward_model", "finish_run"]
+           "open_run_folder", "run_sft", "run_reward_model", "train_in_run_folder", "finish_run"]

@@ -44,6 +44,19 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture
+def ray_with_marker(tmp_path):
+    """A local Ray whose actors see $RLPIPE_DIE_MARKER: `rewards_for_tests.dies_once` ends its scorer's process
+    the first time it runs (and creates the marker). Yields the marker path."""
+    import ray
+
+    marker = tmp_path / "scorer-died"
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR",
+             runtime_env={"env_vars": {"PYTHONPATH": os.getcwd(), "RLPIPE_DIE_MARKER": str(marker)}})
+    yield marker
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def bpe_task(tmp_path_factory):
     """A model with a real hub model's settings (byte-level BPE, chat template, pad == eos, two EOS ids,

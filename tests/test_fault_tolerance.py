@@ -15,15 +15,6 @@ from pipeline.data import read_prompt_table
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture
-def ray_with_marker(tmp_path):
-    marker = tmp_path / "scorer-died"
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR",
-             runtime_env={"env_vars": {"PYTHONPATH": os.getcwd(), "RLPIPE_DIE_MARKER": str(marker)}})
-    yield marker
-    ray.shutdown()
-
-
 def test_killed_generator_and_scorer_are_replaced_and_the_step_completes(tiny_task, tmp_path, ray_with_marker):
     cfg = load_config(None, [
         f"model.path={tiny_task['model']}", f"data.train_path={tiny_task['data']['train']}",

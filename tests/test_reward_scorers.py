@@ -1,7 +1,6 @@
 """Learned reward models in the RL loop: scorers load each model once, score every sample exactly once (also
 when one dies mid-step), mix with rule functions in one weighted score; normalisation and clipping; the critic
 initialised from a reward model; a path that is not a reward model is refused before anything is written."""
-import os
 
 import pytest
 import ray
@@ -99,15 +98,6 @@ def test_critic_starts_as_the_reward_model(tiny_reward_model):
     mask = torch.ones_like(ids)
     values = critic(ids, mask, left_padded_positions(mask))
     assert values[0, -1].item() == pytest.approx(rm(input_ids=ids, attention_mask=mask).logits[0, 0].item(), abs=1e-5)
-
-
-@pytest.fixture
-def ray_with_marker(tmp_path):
-    marker = tmp_path / "scorer-died"
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR",
-             runtime_env={"env_vars": {"PYTHONPATH": os.getcwd(), "RLPIPE_DIE_MARKER": str(marker)}})
-    yield marker
-    ray.shutdown()
 
 
 @pytest.mark.ray

@@ -56,6 +56,15 @@ class EngineTrainer:
     rows: ShuffledRows
     step_count: int
 
+    def _start(self, model, tokenizer, **engine_options) -> None:
+        """Hold model and tokenizer, and the engine (options as `TrainEngine` takes them) on the model's device."""
+        from pipeline.engine import TrainEngine
+
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+        self.engine = TrainEngine(model, device=str(self.device), **engine_options)
+        self.step_count = 0
+
     @property
     def skipped_steps(self) -> int:
         return self.engine.skipped_steps

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from pipeline.algorithms.preference import bradley_terry_loss, pairwise_accuracy
-from pipeline.engine import TrainEngine, lr_factor
+from pipeline.engine import lr_factor
 from pipeline.reward_models import encode_for_reward, pad_right, reward_scores
 from pipeline.trainers.loop import EngineTrainer, ShuffledRows
 
@@ -25,17 +25,13 @@ class RewardModelTrainer(EngineTrainer):
                  max_grad_norm: float = 1.0, compute_dtype: str = "float32", micro_batch_tokens: int = 0,
                  gradient_checkpointing: bool = False, max_length: Optional[int] = None,
                  eval_batch_size: int = 64):
-        self.model, self.tokenizer = model, tokenizer
-        self.device = next(model.parameters()).device
-        self.engine = TrainEngine(model, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-                                  compute_dtype=compute_dtype, device=str(self.device),
-                                  micro_batch_tokens=micro_batch_tokens,
-                                  gradient_checkpointing=gradient_checkpointing)
+        self._start(model, tokenizer, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+                    compute_dtype=compute_dtype, micro_batch_tokens=micro_batch_tokens,
+                    gradient_checkpointing=gradient_checkpointing)
         self.train, self.held_out = self._encode(train, max_length), self._encode(held_out, max_length)
         self.lr, self.warmup_steps, self.decay_steps = lr, warmup_steps, decay_steps
         self.eval_batch_size = eval_batch_size
         self.rows = ShuffledRows(len(train), batch_size, seed)
-        self.step_count = 0
 
     def _encode(self, pairs, max_length) -> dict:
         layout = self.model.reward_layout

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
-from pipeline.engine import TrainEngine, lr_factor
+from pipeline.engine import lr_factor
 from pipeline.evaluation import exact_match_accuracy
 from pipeline.models import completion_forward
 from pipeline.prompts import PromptFormat
@@ -76,12 +76,9 @@ class SupervisedTrainer(EngineTrainer):
                  max_grad_norm: float = 1.0, compute_dtype: str = "float32", micro_batch_tokens: int = 0,
                  gradient_checkpointing: bool = False, prompt_format: Optional[PromptFormat] = None,
                  eval_batch_size: int = 250):
-        self.model, self.tokenizer = model, tokenizer
-        self.device = next(model.parameters()).device
-        self.engine = TrainEngine(model, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-                                  compute_dtype=compute_dtype, device=str(self.device),
-                                  micro_batch_tokens=micro_batch_tokens,
-                                  gradient_checkpointing=gradient_checkpointing)
+        self._start(model, tokenizer, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+                    compute_dtype=compute_dtype, micro_batch_tokens=micro_batch_tokens,
+                    gradient_checkpointing=gradient_checkpointing)
         self.prompt_format = prompt_format or PromptFormat(tokenizer)
         self.data = encode_supervised(tokenizer, prompts, responses, self.prompt_format)
         self.eval_data = encode_supervised(tokenizer, eval_prompts, eval_responses, self.prompt_format)
@@ -93,7 +90,6 @@ class SupervisedTrainer(EngineTrainer):
         self.lr, self.batch_size, self.eval_batch_size = lr, batch_size, eval_batch_size
         self.warmup_steps, self.decay_steps = warmup_steps, decay_steps
         self.rows = ShuffledRows(len(self.data["prompt_ids"]), batch_size, seed)
-        self.step_count = 0
         self.length = self.data["prompt_ids"].shape[1] + self.data["completion_ids"].shape[1]
 
     def train_step(self) -> dict[str, float]:
