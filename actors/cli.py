@@ -80,17 +80,20 @@ def config_from_args(cls, args, settings_name: str):
 
 
 def cmd_sft(args) -> int:
+    from actors.supervised import launch_learners
     from pipeline.supervised_runs import SFTConfig, run_sft
 
-    run_sft(config_from_args(SFTConfig, args, "sft.yaml"), resume=bool(args.resume), overwrite=args.overwrite)
+    run_sft(config_from_args(SFTConfig, args, "sft.yaml"), resume=bool(args.resume), overwrite=args.overwrite,
+            launch=launch_learners)
     return 0
 
 
 def cmd_reward_model(args) -> int:
+    from actors.supervised import launch_learners
     from pipeline.supervised_runs import RewardModelConfig, run_reward_model
 
     run_reward_model(config_from_args(RewardModelConfig, args, "reward_model.yaml"), resume=bool(args.resume),
-                     overwrite=args.overwrite)
+                     overwrite=args.overwrite, launch=launch_learners)
     return 0
 
 

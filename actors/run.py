@@ -19,8 +19,9 @@ class RunDirError(UserInputError):
     """The output directory already holds a run (or holds none to resume)."""
 
 
-def init_ray(cfg: RunConfig, address: Optional[str] = None) -> bool:
-    """Join `address`/$RAY_ADDRESS, or start a local Ray on this machine. True if we started it."""
+def init_ray(num_cpus: Optional[int] = None, address: Optional[str] = None) -> bool:
+    """Join `address`/$RAY_ADDRESS, or start a local Ray on this machine with `num_cpus` (default: all its
+    cores). True if we started it."""
     import ray
 
     if ray.is_initialized():
@@ -40,7 +41,7 @@ def init_ray(cfg: RunConfig, address: Optional[str] = None) -> bool:
     # Progress bars of every actor's model load would interleave on the driver's console.
     env = {"PYTHONPATH": local_pythonpath(),
            "HF_HUB_DISABLE_PROGRESS_BARS": os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "1")}
-    ray.init(address="local", num_cpus=cfg.resources.num_cpus or os.cpu_count(), include_dashboard=False,
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
              logging_level="WARNING", runtime_env={"env_vars": env})
     start_reaper(before)       # this Ray's processes end with this driver, even when it is killed
     return True
@@ -97,7 +98,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
 
     train_table, eval_table, _ = preflight(cfg, log)     # nothing is written before these checks pass
     ckpt = prepare_run_dir(cfg, resume, overwrite)
-    started_ray = init_ray(cfg, address)
+    started_ray = init_ray(cfg.resources.num_cpus, address)
     pools = None
     try:
         pools = start_actors(cfg)

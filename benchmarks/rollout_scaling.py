@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = replace(cfg, model=replace(cfg.model, path=os.path.abspath(model)))  # actors may run elsewhere
         rows = PromptSampler(read_prompt_table(data, (cfg.data.prompt_column,)),
                              cfg.rollout.prompts_per_step, cfg.data.seed).next_batch()   # (B,) fixed rows
-        started = init_ray(cfg, args.address)
+        started = init_ray(cfg.resources.num_cpus, args.address)
         try:
             ray_cpus = ray.cluster_resources().get("CPU", 0.0)
             results = [measure(n, cfg, rows, args.repeats,

@@ -54,6 +54,11 @@ class SupervisedRunConfig:
     gradient_checkpointing: bool = F(False, "Recompute activations in backward (less memory, more compute).")
     checkpoint_every: int = F(500, "Steps between checkpoints (a checkpoint is also written at the end).", lo=1)
     seed: int = F(0, "Seed of the held-out split and the data order.")
+    learners: int = F(1, "Data-parallel learners: Ray actors that each take a share of every minibatch, with "
+                      "gradients summed over them (K learners take the step one would take). Above 1, a local Ray "
+                      "starts unless $RAY_ADDRESS names a cluster.", lo=1)
+    cpus_per_learner: float = F(1.0, "CPU share of each learner when --learners > 1 (torch threads: the share "
+                                "rounded, at least 1); with --device cuda each learner also takes one GPU.", lo=0.0)
 
 
 @dataclass
@@ -168,77 +173,113 @@ def check_lengths(tokenizer, prompt_format, demos, model_config, what: str) -> N
 
 
 def run_sft(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False,
-            log: Callable[[str], None] = print) -> dict:
-    """Fine-tune cfg.model on cfg.data (see the module docstring); returns the results dict (also written)."""
-    import torch
+            log: Callable[[str], None] = print, launch: Optional[Callable] = None) -> dict:
+    """Fine-tune cfg.model on cfg.data (see the module docstring); returns the results dict (also written).
+    launch: how cfg.learners > 1 learners start (`actors.supervised.launch_learners`; the CLI passes it)."""
+    import functools
 
-    from pipeline.models import load_causal_lm, load_model_config, load_tokenizer
+    from pipeline.models import load_model_config, load_tokenizer
     from pipeline.prompts import PromptFormat
-    from pipeline.trainers.sft import SupervisedTrainer
 
-    torch.manual_seed(cfg.seed)
     train, held_out = _demonstrations(cfg)
     tokenizer = load_tokenizer(cfg.model)
     prompt_format = PromptFormat(tokenizer, chat_template=cfg.chat_template)
     model_config = load_model_config(cfg.model, "causal LM")
     check_lengths(tokenizer, prompt_format, train, model_config, cfg.data)
     check_lengths(tokenizer, prompt_format, held_out, model_config, cfg.eval_data or f"{cfg.data} (held out)")
-    model = load_causal_lm(cfg.model, device=cfg.device)
-    trainer = SupervisedTrainer(
-        model, tokenizer, train.prompts, train.responses, held_out.prompts, held_out.responses, held_out.answers,
-        lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed, weight_decay=cfg.weight_decay,
-        warmup_steps=cfg.warmup_steps, decay_steps=cfg.max_steps if cfg.cosine else None,
-        max_new_tokens=cfg.max_new_tokens, max_grad_norm=cfg.max_grad_norm, compute_dtype=cfg.dtype,
-        micro_batch_tokens=cfg.micro_batch_tokens, gradient_checkpointing=cfg.gradient_checkpointing,
-        prompt_format=prompt_format)
-    return train_in_run_folder(cfg, trainer, "sft.yaml", f"sft: {len(train)} training rows, {len(held_out)} held out",
-                               resume=resume, overwrite=overwrite, log=log)
+    return train_in_run_folder(cfg, functools.partial(build_sft_trainer, cfg, train, held_out), "sft.yaml",
+                               f"sft: {len(train)} training rows, {len(held_out)} held out",
+                               resume=resume, overwrite=overwrite, log=log, launch=launch)
+
+
+def build_sft_trainer(cfg: SFTConfig, train, held_out, rank: int = 0, world_size: int = 1, group=lambda: None):
+    """The `SupervisedTrainer` of an sft run (on every data-parallel rank alike: same seed, same model)."""
+    import torch
+
+    from pipeline.models import load_causal_lm, load_tokenizer
+    from pipeline.prompts import PromptFormat
+    from pipeline.trainers.sft import SupervisedTrainer
+
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    return SupervisedTrainer(
+        load_causal_lm(cfg.model, device=cfg.device), tokenizer, train.prompts, train.responses, held_out.prompts,
+        held_out.responses, held_out.answers, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
+        weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
+        decay_steps=cfg.max_steps if cfg.cosine else None, max_new_tokens=cfg.max_new_tokens,
+        max_grad_norm=cfg.max_grad_norm, compute_dtype=cfg.dtype, micro_batch_tokens=cfg.micro_batch_tokens,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        prompt_format=PromptFormat(tokenizer, chat_template=cfg.chat_template),
+        rank=rank, world_size=world_size, group=group)
 
 
 def run_reward_model(cfg: RewardModelConfig, *, resume: bool = False, overwrite: bool = False,
-                     log: Callable[[str], None] = print) -> dict:
-    """Train a reward model on cfg.data's pairs (see the module docstring); returns the results dict."""
-    import torch
+                     log: Callable[[str], None] = print, launch: Optional[Callable] = None) -> dict:
+    """Train a reward model on cfg.data's pairs (see the module docstring); returns the results dict.
+    launch: as for `run_sft`."""
+    import functools
 
-    from pipeline.models import load_tokenizer
+    from pipeline.models import load_model_config, load_tokenizer
     from pipeline.preference_data import read_preference_pairs
-    from pipeline.prompts import max_positions
-    from pipeline.reward_models import build_reward_model
-    from pipeline.trainers.reward_model import RewardModelTrainer
+    from pipeline.reward_models import backbone_layout
 
-    torch.manual_seed(cfg.seed)
     columns = dict(prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column,
                    rejected_column=cfg.rejected_column, margin_column=cfg.margin_column)
     pairs = read_preference_pairs(cfg.data, **columns)
     train, held_out = (pairs, read_preference_pairs(cfg.eval_data, **columns)) if cfg.eval_data \
         else pairs.split(cfg.eval_size, cfg.seed)
+    load_tokenizer(cfg.model)
+    layout = backbone_layout(load_model_config(cfg.model, "reward model backbone"))
+    return train_in_run_folder(cfg, functools.partial(build_reward_model_trainer, cfg, train, held_out),
+                               "reward_model.yaml", f"reward model: {len(train)} training pairs, {len(held_out)} "
+                               f"held out; {layout} layout", resume=resume, overwrite=overwrite,
+                               log=log, launch=launch)
+
+
+def build_reward_model_trainer(cfg: RewardModelConfig, train, held_out, rank: int = 0, world_size: int = 1,
+                               group=lambda: None):
+    """The `RewardModelTrainer` of a reward-model run (a new score head, seeded alike on every rank)."""
+    import torch
+
+    from pipeline.models import load_tokenizer
+    from pipeline.prompts import max_positions
+    from pipeline.reward_models import build_reward_model
+    from pipeline.trainers.reward_model import RewardModelTrainer
+
+    torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     model = build_reward_model(cfg.model, tokenizer).to(cfg.device)
-    trainer = RewardModelTrainer(
+    return RewardModelTrainer(
         model, tokenizer, train, held_out, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
         weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
         decay_steps=cfg.max_steps if cfg.cosine else None, max_grad_norm=cfg.max_grad_norm,
         compute_dtype=cfg.dtype, micro_batch_tokens=cfg.micro_batch_tokens,
         gradient_checkpointing=cfg.gradient_checkpointing,
-        max_length=cfg.max_length or max_positions(model.config))
-    return train_in_run_folder(cfg, trainer, "reward_model.yaml",
-                               f"reward model: {len(train)} training pairs, {len(held_out)} held out; "
-                               f"{model.reward_layout} layout", resume=resume, overwrite=overwrite, log=log)
+        max_length=cfg.max_length or max_positions(model.config), rank=rank, world_size=world_size, group=group)
 
 
-def train_in_run_folder(cfg: SupervisedRunConfig, trainer, settings_name: str, what: str, *, resume: bool,
-                        overwrite: bool, log: Callable[[str], None]) -> dict:
-    """Open the run folder (all input is checked by now), run `train_loop` with cfg's schedule, finish the run."""
+def train_in_run_folder(cfg: SupervisedRunConfig, build: Callable, settings_name: str, what: str, *, resume: bool,
+                        overwrite: bool, log: Callable[[str], None], launch: Optional[Callable] = None) -> dict:
+    """Build the trainer (`build()`, or cfg.learners data-parallel ones through `launch(build, cfg)`), then open
+    the run folder (all input is checked by now), run `train_loop` with cfg's schedule, finish the run."""
     from pipeline.trainers.loop import train_loop
 
-    out, tracker = open_run_folder(cfg, settings_name, resume=resume, overwrite=overwrite)
-    log(f"{what}; {sum(p.numel() for p in trainer.model.parameters()) / 1e6:.1f} M parameters; run folder {out}")
-    with tracker:
-        result = train_loop(trainer, eval_every=cfg.eval_every, max_steps=cfg.max_steps,
-                            time_budget_s=None if cfg.minutes is None else 60 * cfg.minutes,
-                            patience=cfg.patience, run_dir=str(out), checkpoint_every=cfg.checkpoint_every,
-                            resume=resume, tracker=tracker, log=log)
-        return finish_run(trainer, result, out, tracker, log)
+    if cfg.learners > 1 and launch is None:
+        raise ConfigError(f"learners={cfg.learners} needs Ray actors: run it with the rlpipe command, or pass "
+                          "launch=actors.supervised.launch_learners")
+    trainer = build() if cfg.learners == 1 else launch(build, cfg)
+    try:
+        out, tracker = open_run_folder(cfg, settings_name, resume=resume, overwrite=overwrite)
+        learners = f" x {cfg.learners} data-parallel learners" if cfg.learners > 1 else ""
+        log(f"{what}; {trainer.num_parameters() / 1e6:.1f} M parameters{learners}; run folder {out}")
+        with tracker:
+            result = train_loop(trainer, eval_every=cfg.eval_every, max_steps=cfg.max_steps,
+                                time_budget_s=None if cfg.minutes is None else 60 * cfg.minutes,
+                                patience=cfg.patience, run_dir=str(out), checkpoint_every=cfg.checkpoint_every,
+                                resume=resume, tracker=tracker, log=log)
+            return finish_run(trainer, result, out, tracker, log)
+    finally:
+        trainer.close()
 
 
 def finish_run(trainer, result: dict, out: Path, tracker, log) -> dict:
@@ -258,4 +299,5 @@ def finish_run(trainer, result: dict, out: Path, tracker, log) -> dict:
 
 
 __all__ = ["SupervisedRunConfig", "SFTConfig", "RewardModelConfig", "build_run_config", "read_run_settings",
-           "open_run_folder", "run_sft", "run_reward_model", "train_in_run_folder", "finish_run"]
+           "open_run_folder", "run_sft", "build_sft_trainer", "run_reward_model", "build_reward_model_trainer",
+           "train_in_run_folder", "finish_run"]

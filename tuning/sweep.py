@@ -264,7 +264,7 @@ def resume_sweep(sweep_dir: str, address: Optional[str] = None) -> dict:
 def _init_ray(cfg, address: Optional[str]) -> bool:
     from actors.run import init_ray
 
-    return init_ray(cfg, address)
+    return init_ray(cfg.resources.num_cpus, address)
 
 
 def _say_layout(bundles: list[dict], cluster: dict, opts: SweepOptions, cfg) -> None:

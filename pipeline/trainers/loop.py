@@ -9,14 +9,19 @@ A trainer brings its objective through a small interface (`SupervisedTrainer` in
     score(metrics) -> float                the early-stopping figure, higher is better
     state() -> (models, optimizers)        what a checkpoint holds (engine + data order), as tensors
     load_state(models, optimizers)
-    model                                  the module whose best weights are kept
+    weights() / load_weights(state)        a copy of the model's weights (the best ones are kept), and back
     save_model(out_dir)                    the trained model as a Hugging Face folder
+    close()                                release what the trainer holds (processes of its learners)
+
+`EngineTrainer` implements all but the objective, for one process or as rank `rank` of `world_size`
+data-parallel learners: each rank takes its share of every minibatch (`my_rows`), weighs its loss by that
+share of the whole, and the engine sums gradients over the group, so K learners take the step one takes.
+`actors.supervised` runs K of them as Ray actors behind this same interface.
 
 Time spent evaluating counts toward `time_budget_s`: it is part of what a run costs.
 """
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -50,20 +55,43 @@ class ShuffledRows:
 
 class EngineTrainer:
     """What the supervised-style trainers share around their objective: a `TrainEngine` (`self.engine`) on
-    `self.model`, a `ShuffledRows` (`self.rows`), the step count; checkpoint state and the saved folder."""
+    `self.model`, a `ShuffledRows` (`self.rows`, the same order on every rank), the step count; checkpoint
+    state, weights and the saved folder."""
 
     engine: "object"
     rows: ShuffledRows
     step_count: int
 
-    def _start(self, model, tokenizer, **engine_options) -> None:
-        """Hold model and tokenizer, and the engine (options as `TrainEngine` takes them) on the model's device."""
+    def _start(self, model, tokenizer, rank: int = 0, world_size: int = 1,
+               group: Callable[[], Optional[object]] = lambda: None, **engine_options) -> None:
+        """Hold model and tokenizer, and the engine (options as `TrainEngine` takes them) on the model's device.
+        rank / world_size / group: this learner's place among data-parallel learners and their process group
+        (looked up at each step: learners join it after they are built)."""
         from pipeline.engine import TrainEngine
 
         self.model, self.tokenizer = model, tokenizer
+        self.rank, self.world_size = rank, world_size
         self.device = next(model.parameters()).device
-        self.engine = TrainEngine(model, device=str(self.device), **engine_options)
+        self.engine = TrainEngine(model, device=str(self.device), group=group, **engine_options)
         self.step_count = 0
+
+    def my_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """This rank's consecutive share of a minibatch's row indices (all of them on a single learner)."""
+        return index.tensor_split(self.world_size)[self.rank] if self.world_size > 1 else index
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """A copy of the model's weights (float32 masters)."""
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def load_weights(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Load `state` (strict=False: a saved folder's, which lists tied weights once)."""
+        self.model.load_state_dict(state, strict=strict)
+
+    def close(self) -> None:
+        """Nothing to release in one process."""
 
     @property
     def skipped_steps(self) -> int:
@@ -137,7 +165,7 @@ def train_loop(trainer, *, eval_every: int, max_steps: Optional[int] = None,
         log(f"step {step:5d}  {shown}  {elapsed():6.1f} s")
         if not best or score > best["score"]:
             best = {"score": score, "step": step, "metrics": metrics,
-                    "state": copy.deepcopy(trainer.model.state_dict())}
+                    "state": trainer.weights()}
             if best_dir is not None:
                 trainer.save_model(best_dir)
 
@@ -172,11 +200,11 @@ def train_loop(trainer, *, eval_every: int, max_steps: Optional[int] = None,
     final_metrics = curve[-1][2]
     if patience is not None and best["step"] != step:
         if best["state"] is not None:
-            trainer.model.load_state_dict(best["state"])
+            trainer.load_weights(best["state"])
         else:                                  # resumed: the best weights are the saved folder's
             from safetensors.torch import load_file
 
-            trainer.model.load_state_dict(_folder_state(best_dir, load_file), strict=False)
+            trainer.load_weights(_folder_state(best_dir, load_file), strict=False)
     if stopped_early:
         log(f"early stop: no better held-out score in {patience} evaluations; best weights are step {best['step']}'s")
     return {"best_score": best["score"], "best_step": best["step"], "best_metrics": best["metrics"],

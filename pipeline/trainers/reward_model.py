@@ -18,16 +18,17 @@ from pipeline.trainers.loop import EngineTrainer, ShuffledRows
 
 
 class RewardModelTrainer(EngineTrainer):
-    """model: from `pipeline.reward_models.build_reward_model`; train / held_out: `PreferencePairs`."""
+    """model: from `pipeline.reward_models.build_reward_model`; train / held_out: `PreferencePairs`;
+    rank / world_size / group: as one of several data-parallel learners (`EngineTrainer`)."""
 
     def __init__(self, model, tokenizer, train, held_out, *, lr: float, batch_size: int, seed: int = 0,
                  weight_decay: float = 0.0, warmup_steps: int = 0, decay_steps: Optional[int] = None,
                  max_grad_norm: float = 1.0, compute_dtype: str = "float32", micro_batch_tokens: int = 0,
                  gradient_checkpointing: bool = False, max_length: Optional[int] = None,
-                 eval_batch_size: int = 64):
-        self._start(model, tokenizer, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-                    compute_dtype=compute_dtype, micro_batch_tokens=micro_batch_tokens,
-                    gradient_checkpointing=gradient_checkpointing)
+                 eval_batch_size: int = 64, rank: int = 0, world_size: int = 1, group=lambda: None):
+        self._start(model, tokenizer, rank, world_size, group, lr=lr, weight_decay=weight_decay,
+                    max_grad_norm=max_grad_norm, compute_dtype=compute_dtype,
+                    micro_batch_tokens=micro_batch_tokens, gradient_checkpointing=gradient_checkpointing)
         self.train, self.held_out = self._encode(train, max_length), self._encode(held_out, max_length)
         self.lr, self.warmup_steps, self.decay_steps = lr, warmup_steps, decay_steps
         self.eval_batch_size = eval_batch_size
@@ -53,17 +54,18 @@ class RewardModelTrainer(EngineTrainer):
         index = self.rows.next()
         engine = self.engine
         engine.set_lr(self.lr * lr_factor(self.step_count, self.warmup_steps, self.decay_steps))
-        length = 2 * max(len(self.train[side][i]) for side in ("chosen", "rejected") for i in index)
+        mine = self.my_rows(index)
+        length = 2 * max((len(self.train[side][i]) for side in ("chosen", "rejected") for i in mine), default=0)
         loss_sum = 0.0
-        for part in engine.micro_batches(index, length):   # pair-mean over the batch = sum of shares
+        for part in engine.micro_batches(mine, length):   # pair-mean over the whole minibatch = sum of shares
             weight = len(part) / len(index)
             with engine.autocast():
                 loss = self._loss(self.train, part)[0]
             engine.backward(loss, weight)
             loss_sum += weight * loss.item()
-        engine.step()
+        engine.step()                    # a rank with no rows still joins the gradient all-reduce
         self.step_count += 1
-        return {"loss": loss_sum}
+        return {"loss": loss_sum}        # this rank's share: the ranks' sum is the minibatch's loss
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

@@ -66,7 +66,7 @@ class SupervisedTrainer(EngineTrainer):
     of the held-out responses) always, `eval/accuracy` (greedy exact match against `eval_answers`) when
     answers are given; the early-stopping score is the accuracy if there is one, else minus the loss.
     The lr warms up linearly over `warmup_steps`, then stays constant or decays (cosine) to 10% at
-    `decay_steps`.
+    `decay_steps`. rank / world_size / group: as one of several data-parallel learners (`EngineTrainer`).
     """
 
     def __init__(self, model, tokenizer, prompts: list, responses: list[str], eval_prompts: list,
@@ -75,10 +75,10 @@ class SupervisedTrainer(EngineTrainer):
                  decay_steps: Optional[int] = None, max_new_tokens: Optional[int] = None,
                  max_grad_norm: float = 1.0, compute_dtype: str = "float32", micro_batch_tokens: int = 0,
                  gradient_checkpointing: bool = False, prompt_format: Optional[PromptFormat] = None,
-                 eval_batch_size: int = 250):
-        self._start(model, tokenizer, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-                    compute_dtype=compute_dtype, micro_batch_tokens=micro_batch_tokens,
-                    gradient_checkpointing=gradient_checkpointing)
+                 eval_batch_size: int = 250, rank: int = 0, world_size: int = 1, group=lambda: None):
+        self._start(model, tokenizer, rank, world_size, group, lr=lr, weight_decay=weight_decay,
+                    max_grad_norm=max_grad_norm, compute_dtype=compute_dtype,
+                    micro_batch_tokens=micro_batch_tokens, gradient_checkpointing=gradient_checkpointing)
         self.prompt_format = prompt_format or PromptFormat(tokenizer)
         self.data = encode_supervised(tokenizer, prompts, responses, self.prompt_format)
         self.eval_data = encode_supervised(tokenizer, eval_prompts, eval_responses, self.prompt_format)
@@ -96,17 +96,17 @@ class SupervisedTrainer(EngineTrainer):
         index = self.rows.next()
         engine = self.engine
         engine.set_lr(self.lr * lr_factor(self.step_count, self.warmup_steps, self.decay_steps))
-        tokens = self.data["completion_mask"][index].sum().clamp(min=1)
+        tokens = self.data["completion_mask"][index].sum().clamp(min=1)   # of the whole minibatch, every rank
         loss_sum = 0.0
-        for part in engine.micro_batches(index, self.length):   # token-mean over the batch = sum of shares
+        for part in engine.micro_batches(self.my_rows(index), self.length):   # token-mean = sum of shares
             weight = float(self.data["completion_mask"][part].sum() / tokens)
             with engine.autocast():
                 loss = sft_loss(self.model, select_rows(self.data, part, self.device))
             engine.backward(loss, weight)
             loss_sum += weight * loss.item()
-        engine.step()
+        engine.step()                    # a rank with no rows still joins the gradient all-reduce
         self.step_count += 1
-        return {"loss": loss_sum}
+        return {"loss": loss_sum}        # this rank's share: the ranks' sum is the minibatch's loss
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
