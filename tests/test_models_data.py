@@ -225,6 +225,7 @@ def test_warm_start_and_baseline_run_with_the_demo_thread_count():
     torch.set_num_threads(1)
     try:
         assert _demo_threads(torch.get_num_threads)() == DEMO_THREADS == 2
-        assert torch.get_num_threads() == 1
+        assert _demo_threads(torch.are_deterministic_algorithms_enabled)()
+        assert torch.get_num_threads() == 1 and not torch.are_deterministic_algorithms_enabled()
     finally:
         torch.set_num_threads(before)

@@ -48,15 +48,20 @@ DEMO_THREADS = 2
 
 
 def _demo_threads(fn):
-    """Run `fn` with DEMO_THREADS intra-op threads, then restore the caller's count."""
+    """Run `fn` with DEMO_THREADS intra-op threads and torch's deterministic algorithms (an op without a
+    deterministic kernel warns), then restore the caller's settings."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        before = torch.get_num_threads()
+        threads = torch.get_num_threads()
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
         torch.set_num_threads(DEMO_THREADS)
+        torch.use_deterministic_algorithms(True, warn_only=True)
         try:
             return fn(*args, **kwargs)
         finally:
-            torch.set_num_threads(before)
+            torch.set_num_threads(threads)
+            torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
     return wrapper
 
 
