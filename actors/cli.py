@@ -125,7 +125,7 @@ def cmd_demo(args) -> int:
     from actors.demo import run_demo, run_preference_demo
 
     if args.task == "preference":
-        run_preference_demo(args.out or "runs/preference", ppo_minutes=args.rl_minutes or 10.0,
+        run_preference_demo(args.out or "runs/preference", ppo_minutes=args.rl_minutes or 12.0,
                             seed=args.seed or 0)
     else:
         run_demo(args.out or "runs/demo", algos=args.algos.split(","), rl_minutes=args.rl_minutes or 10.0,

@@ -87,14 +87,17 @@ def _report(results: dict) -> None:
 # ----------------------------------------------------------------------------- the preference demo
 
 TRUE_SCORE_FN = "pipeline.demo.preference:true_score"
+REWARD_MODELS = 3     # PPO's reward: the mean of this many reward models (seeds seed, seed + 1000, ...)
 
 
-def run_preference_demo(out: str = "runs/preference", ppo_minutes: float = 10.0, seed: int = 0,
-                        sft_steps: int = 400, rm_steps: int = 1500, n_pairs: int = 6000) -> dict:
+def run_preference_demo(out: str = "runs/preference", ppo_minutes: float = 12.0, seed: int = 0,
+                        sft_steps: int = 400, rm_steps: int = 1500, n_pairs: int = 6000,
+                        reward_models: int = REWARD_MODELS) -> dict:
     """DeepSpeed-Chat's three steps on a task whose judge the pipeline never trains on
     (`pipeline.demo.preference`): SFT on mediocre demonstrations, a reward model on noisy preference pairs,
-    PPO against the reward model with a k1 KL penalty to the SFT policy and the critic started from the
-    reward model. Prints the reward model's held-out accuracy against the noise ceiling and, before and
+    PPO against the reward model (the mean of `reward_models` trained from different seeds: an ensemble, whose
+    members' idiosyncratic errors PPO cannot exploit together) with a k1 KL penalty to the SFT policy and the
+    critic started from the first reward model. Prints the reward model's held-out accuracy against the noise ceiling and, before and
     after PPO, the true score, the reward model's score and the KL to the SFT policy; writes
     `<out>/preference_results.json` and `<out>/preference_scores.png` (true and reward-model score per step:
     a rising reward-model score over a falling true score is reward hacking)."""
@@ -116,33 +119,48 @@ def run_preference_demo(out: str = "runs/preference", ppo_minutes: float = 10.0,
     sft = run_sft(SFTConfig(model=init["path"], data=paths["demos"], out=os.path.join(out, "sft"), eval_size=200,
                             lr=3e-3, batch_size=64, max_steps=sft_steps, eval_every=100, patience=None, seed=seed),
                   overwrite=True)
-    print("\n=== 2/3 reward model on the preference pairs (Bradley-Terry, SFT backbone) ===")
-    rm = run_reward_model(RewardModelConfig(
-        model=sft["model_dir"], data=paths["pairs"], eval_data=paths["pairs_eval"],
-        out=os.path.join(out, "reward_model"), lr=2e-3, batch_size=64, max_steps=rm_steps, warmup_steps=50,
-        eval_every=100, patience=None, seed=seed), overwrite=True)
+    rms = []
+    for k in range(reward_models):
+        print(f"\n=== 2/3 reward model {k + 1} of {reward_models} on the preference pairs (Bradley-Terry, SFT "
+              "backbone) ===")
+        rms.append(run_reward_model(RewardModelConfig(
+            model=sft["model_dir"], data=paths["pairs"], eval_data=paths["pairs_eval"],
+            out=os.path.join(out, "reward_model" + (f"_{k + 1}" if k else "")), lr=2e-3, batch_size=64,
+            max_steps=rm_steps, warmup_steps=50, eval_every=100, patience=None, seed=seed + 1000 * k),
+            overwrite=True))
+    rm_dirs = [rm["model_dir"] for rm in rms]
     prompts = pq.read_table(paths["eval"]).column("prompt").to_pylist()
-    before = measure_policy(sft["model_dir"], sft["model_dir"], rm["model_dir"], prompts, seed=seed)
+    before = measure_policy(sft["model_dir"], sft["model_dir"], rm_dirs, prompts, seed=seed)
     print(f"\n=== 3/3 PPO against the reward model, {ppo_minutes:g} minutes ===")
     uri = demo_tracking_uri(out)
     cfg = load_config("ppo", [
-        f"model.path={sft['model_dir']}", f"model.critic_path={rm['model_dir']}",
+        f"model.path={sft['model_dir']}", f"model.critic_path={rm_dirs[0]}",
         f"data.train_path={paths['prompts']}", "data.eval_path=null", "rollout.max_new_tokens=7",
         # The judge rides along with weight 0: logged per step (reward/fn/...), never trained on.
         f"reward.functions=[{TRUE_SCORE_FN}]", "reward.weights=[0.0]",
-        f"reward.models=[{{path: {rm['model_dir']}}}]", "reward.normalize=true", "reward.clip=5.0",
+        "reward.models=[" + ", ".join(f"{{path: {d}, weight: {1 / len(rm_dirs)}}}" for d in rm_dirs) + "]",
+        "reward.normalize=true", "reward.clip=5.0",
         "algorithm.kl_coef=0.1", "algorithm.kl_in_reward=true", "algorithm.kl_estimator=k1",
+        # The preset's 1e-4 is sized for the arithmetic demo; here, measured against the judge itself (no
+        # reward model), it held the true score at ~0.50 for 400 steps, where 5e-4 reached 0.84 in 300.
+        "learner.lr=5e-4",
         "resources.cpus_per_rollout_worker=0.5",          # the reference takes 0.25 of the 2 CPUs
         f"train.output_dir={out}/ppo", f"train.time_budget_s={ppo_minutes * 60}", f"train.seed={seed}",
         f"tracking.tracking_uri={uri}", "tracking.run_name=preference-ppo"])
     ppo = run_training(cfg, overwrite=True)
-    after = measure_policy(ppo["final_model"], sft["model_dir"], rm["model_dir"], prompts, seed=seed)
+    after = measure_policy(ppo["final_model"], sft["model_dir"], rm_dirs, prompts, seed=seed)
     client = mlflow.MlflowClient(uri)
-    curves = {name: [(m.step, m.value) for m in sorted(client.get_metric_history(ppo["mlflow_run_id"], key),
-                                                       key=lambda m: m.step)]
-              for name, key in (("true score (hidden judge)", f"reward/fn/{TRUE_SCORE_FN}"),
-                                ("reward model score", "reward/fn/rm/reward_model"))}
-    results = {"reward_model_accuracy": rm["kept_metrics"]["eval/accuracy"], "noise_ceiling": 1 - flip,
+
+    def curve(key: str) -> dict[int, float]:
+        return {m.step: m.value for m in client.get_metric_history(ppo["mlflow_run_id"], key)}
+
+    members = [curve(f"reward/fn/rm/{os.path.basename(os.path.dirname(d))}") for d in rm_dirs]
+    curves = {"true score (hidden judge)": sorted(curve(f"reward/fn/{TRUE_SCORE_FN}").items()),
+              "reward model score" + (" (ensemble mean)" if len(rm_dirs) > 1 else ""):
+              [(step, sum(m[step] for m in members) / len(members)) for step in sorted(members[0])]}
+    accuracies = [rm["kept_metrics"]["eval/accuracy"] for rm in rms]
+    results = {"reward_model_accuracy": min(accuracies), "reward_model_accuracies": accuracies,
+               "noise_ceiling": 1 - flip,
                "sft": {k: v for k, v in before.items() if k != "examples"},
                "ppo": {k: v for k, v in after.items() if k != "examples"}, "ppo_steps": ppo["steps"],
                "examples": {"sft": before["examples"], "ppo": after["examples"]}}
@@ -160,8 +178,10 @@ def _report_preference(r: dict) -> None:
     s, p = r["sft"], r["ppo"]
     target = s["true_score"] + 0.5 * (1.0 - s["true_score"])
     print("\n" + "=" * 72)
-    print(f"reward model, held-out pairwise accuracy: {acc:.1%} (noise ceiling {ceiling:.0%}; "
-          f"{'meets' if acc >= 0.9 * ceiling else 'MISSES'} the 90%-of-ceiling target, {0.9 * ceiling:.1%})")
+    each = ", ".join(f"{a:.1%}" for a in r["reward_model_accuracies"])
+    print(f"reward model{'s' if len(r['reward_model_accuracies']) > 1 else ''}, held-out pairwise accuracy: {each} "
+          f"(noise ceiling {ceiling:.0%}; {'meets' if acc >= 0.9 * ceiling else 'MISSES'} the 90%-of-ceiling "
+          f"target, {0.9 * ceiling:.1%})")
     print(f"{'':24}{'true score':>12}{'reward model':>14}{'KL to SFT':>11}")
     for name, m in (("SFT policy", s), (f"after PPO ({r['ppo_steps']} steps)", p)):
         print(f"{name:24}{m['true_score']:12.3f}{m['reward_model_score']:14.3f}{m['kl_to_sft']:11.3f}")
