@@ -205,7 +205,7 @@ def build_parser(extra_commands: Optional[dict[str, Callable]] = None) -> argpar
     p.add_argument("--out", default=None, help="demo folder (default runs/demo, runs/preference)")
     p.add_argument("--algos", default="grpo,ppo", help="comma-separated presets to train (default grpo,ppo)")
     p.add_argument("--rl-minutes", type=float, default=None,
-                   help="RL time budget per algorithm (default 10)")
+                   help="RL time budget per algorithm (default 10; the preference demo's PPO 12)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of data, models and training (default: arithmetic 1, the measured one; preference 0)")
     p.add_argument("--sft-minutes", type=float, default=10.0,
