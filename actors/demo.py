@@ -97,8 +97,8 @@ def run_preference_demo(out: str = "runs/preference", ppo_minutes: float = 12.0,
     (`pipeline.demo.preference`): SFT on mediocre demonstrations, a reward model on noisy preference pairs,
     PPO against the reward model (the mean of `reward_models` trained from different seeds: an ensemble, whose
     members' idiosyncratic errors PPO cannot exploit together) with a k1 KL penalty to the SFT policy and the
-    critic started from the first reward model. Prints the reward model's held-out accuracy against the noise ceiling and, before and
-    after PPO, the true score, the reward model's score and the KL to the SFT policy; writes
+    critic started from the first reward model. Prints each reward model's held-out accuracy against the noise
+    ceiling and, before and after PPO, the true score, the ensemble's score and the KL to the SFT policy; writes
     `<out>/preference_results.json` and `<out>/preference_scores.png` (true and reward-model score per step:
     a rising reward-model score over a falling true score is reward hacking)."""
     import mlflow

@@ -21,6 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.pools import ClusterTooSmall, check_fits, connect_group
 from actors.resilient import get_all
 from actors.shells import _OnRayNode
+from pipeline.checkpoint import read_folder, write_folder
 from pipeline.collective import DP_GROUP, GroupMember, resolve_backend
 
 
@@ -69,9 +70,7 @@ class SupervisedLearner(_OnRayNode, GroupMember):
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            folder = self.trainer.save_model(os.path.join(tmp, "model"))
-            return {os.path.relpath(os.path.join(root, f), folder): open(os.path.join(root, f), "rb").read()
-                    for root, _, names in os.walk(folder) for f in names}
+            return read_folder(self.trainer.save_model(os.path.join(tmp, "model")))
 
 
 class DataParallelTrainer:
@@ -111,21 +110,7 @@ class DataParallelTrainer:
         return ray.get(self.ranks[0].facts.remote())["skipped_steps"]
 
     def save_model(self, out_dir) -> str:
-        import shutil
-        import tempfile
-
-        files = ray.get(self.ranks[0].model_files.remote())
-        out_dir = os.path.abspath(out_dir)
-        os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(out_dir))
-        for name, data in files.items():
-            os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
-            with open(os.path.join(tmp, name), "wb") as fh:
-                fh.write(data)
-        if os.path.isdir(out_dir):             # replaced whole, as `save_hf_model` does
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-        return out_dir
+        return write_folder(ray.get(self.ranks[0].model_files.remote()), out_dir)
 
     def close(self) -> None:
         for learner in self.ranks:

@@ -347,6 +347,12 @@ def save_hf_model(model, tokenizer, out_dir: str | os.PathLike) -> str:
     return str(out)
 
 
+def read_folder(folder: str | os.PathLike) -> dict[str, bytes]:
+    """`{relative name: bytes}` of every file under `folder`: what `write_folder` writes elsewhere."""
+    root = Path(folder)
+    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+
+
 def write_folder(files: dict[str, bytes], out_dir: str | os.PathLike) -> str:
     """Write `{relative name: bytes}` as a folder, atomically: how the final model reaches the driver's
     disk when the learner runs on another node."""

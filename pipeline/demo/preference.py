@@ -14,7 +14,6 @@ the share of up to `MAX_LEN` completion characters that occur in the prompt (a c
 """
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -91,9 +90,9 @@ def make_preference_task(out_dir, *, n_demos: int = 2000, n_pairs: int = 6000, n
 def measure_policy(policy_dir, reference_dir, reward_model_dirs, prompts: list[str], *, samples: int = 4,
                    max_new_tokens: int = MAX_LEN + 1, seed: int = 0) -> dict:
     """Sample `samples` completions per prompt at temperature 1 from the policy; return the mean true score,
-    the mean reward-model score (averaged over `reward_model_dirs`, a folder or a list: an ensemble, as PPO
-    sees it) and the KL to the reference (the SFT policy) per completion, estimated as the mean over samples
-    of sum_t log pi(y_t) - log pi_ref(y_t) (k1, unbiased)."""
+    the mean reward-model score (averaged over the folders `reward_model_dirs`: an ensemble, as PPO sees it)
+    and the KL to the reference (the SFT policy) per completion, estimated as the mean over samples of
+    sum_t log pi(y_t) - log pi_ref(y_t) (k1, unbiased)."""
     import torch
 
     from pipeline.generation import neutral_generation_config, sample_completions
@@ -112,11 +111,9 @@ def measure_policy(policy_dir, reference_dir, reward_model_dirs, prompts: list[s
         logp = completion_forward(policy, **batch)["logprobs"]
         ref = completion_forward(reference, **batch)["logprobs"]
     completions = out["completions"]
-    dirs = [reward_model_dirs] if isinstance(reward_model_dirs, (str, os.PathLike)) else list(reward_model_dirs)
-    scores = [RewardModelFunction(str(d))(repeated, completions) for d in dirs]
-    rm = [sum(column) / len(dirs) for column in zip(*scores)]
+    rm = [s for d in reward_model_dirs for s in RewardModelFunction(str(d))(repeated, completions)]
     return {"true_score": sum(true_score(repeated, completions)) / len(repeated),
-            "reward_model_score": sum(rm) / len(rm),
+            "reward_model_score": sum(rm) / len(rm),         # every model scores every completion: the mean
             "kl_to_sft": float(((logp - ref) * mask).sum(-1).mean()),
             "mean_length": float(mask.sum(-1).mean()),
             "examples": [(p, c) for p, c in zip(repeated[:8:samples], completions[:8:samples])]}

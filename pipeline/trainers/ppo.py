@@ -258,9 +258,8 @@ class PolicyLearner(GroupMember):
         driver runs."""
         import tempfile
 
+        from pipeline.checkpoint import read_folder
         from pipeline.models import load_tokenizer
 
         with tempfile.TemporaryDirectory() as tmp:
-            folder = self.policy.save_hf(os.path.join(tmp, "model"), load_tokenizer(self.cfg.model.path))
-            return {os.path.relpath(os.path.join(root, f), folder): open(os.path.join(root, f), "rb").read()
-                    for root, _, names in os.walk(folder) for f in names}
+            return read_folder(self.policy.save_hf(os.path.join(tmp, "model"), load_tokenizer(self.cfg.model.path)))
