@@ -8,9 +8,12 @@ the share of up to `MAX_LEN` completion characters that occur in the prompt (a c
 
 - demonstrations (SFT): 4-6 letters whose quality varies from response to response (each letter is one of
   the prompt's with a probability drawn uniformly per response), so the SFT policy is mediocre (~0.42);
-- preference pairs: two such responses per prompt, the one the judge scores higher is `chosen`; a share
-  `flip` of the labels is swapped, as human labels are noisy. With 15% flipped, no model can agree with
-  more than 85% of held-out labels: the noise ceiling.
+- preference pairs: two responses per prompt, the one the judge scores higher is `chosen`; a share `flip` of
+  the labels is swapped, as human labels are noisy. With 15% flipped, no model can agree with more than 85%
+  of held-out labels: the noise ceiling. A share `any_length` of the pairs' responses has any length from 0
+  to MAX_LEN + 2, the rest 4-6 letters as the demonstrations: a rater also sees empty, clipped and overlong
+  answers, and without them the reward models never learn that short is bad (measured: PPO on seed 0
+  collapsed to empty or one-letter completions the reward models scored highly).
 """
 from __future__ import annotations
 
@@ -34,19 +37,19 @@ def _prompt(rng: random.Random) -> str:
     return "".join(rng.sample(LETTERS, 4)) + ">"
 
 
-def _response(rng: random.Random, prompt: str) -> str:
-    """4-6 letters of varying quality: each is one of the prompt's letters with a probability drawn per
-    response (uniform in [0, 1]), else one of the other four."""
+def _response(rng: random.Random, prompt: str, lengths: tuple[int, int] = (4, MAX_LEN)) -> str:
+    """`lengths` (inclusive range) letters of varying quality: each is one of the prompt's letters with a
+    probability drawn per response (uniform in [0, 1]), else one of the other four."""
     inside = prompt.rstrip(">")
     outside = [c for c in LETTERS if c not in inside]
     quality = rng.random()
     return "".join(rng.choice(inside) if rng.random() < quality else rng.choice(outside)
-                   for _ in range(rng.randint(4, MAX_LEN)))
+                   for _ in range(rng.randint(*lengths)))
 
 
 def make_preference_task(out_dir, *, n_demos: int = 2000, n_pairs: int = 6000, n_eval_pairs: int = 600,
                          n_prompts: int = 20000, n_eval: int = 300, flip: float = 0.15, min_gap: float = 2 / MAX_LEN,
-                         seed: int = 0) -> dict:
+                         any_length: float = 1 / 3, seed: int = 0) -> dict:
     """Write demos.parquet (prompt, response), pairs.parquet and pairs_eval.parquet (prompt, chosen, rejected),
     prompts.parquet (the RL pool) and eval.parquet (held-out prompts). Pairs whose two responses the judge scores
     less than `min_gap` apart are redrawn: raters skip near-ties. Returns {name: path}."""
@@ -61,7 +64,8 @@ def make_preference_task(out_dir, *, n_demos: int = 2000, n_pairs: int = 6000, n
         rows = []
         while len(rows) < n:
             prompt = _prompt(rng)
-            a, b = _response(rng, prompt), _response(rng, prompt)
+            a, b = (_response(rng, prompt, (0, MAX_LEN + 2) if rng.random() < any_length else (4, MAX_LEN))
+                    for _ in range(2))
             sa, sb = true_score([prompt, prompt], [a, b])
             if abs(sa - sb) < min_gap - 1e-9:     # a near-tie: raters skip those ("about the same")
                 continue
