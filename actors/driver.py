@@ -20,7 +20,7 @@ from actors.weight_sync import WeightSync
 from pipeline.algorithms.advantages import AdvantageInputs, compute_advantages, place_sequence_reward
 from pipeline.algorithms.core import kl_penalty, masked_mean
 from pipeline.batch import Rollout, TrainBatch, concat_rollouts, split_indices
-from pipeline.config import RunConfig, learner_old_logprobs
+from pipeline.config import RunConfig, learner_old_logprobs, learner_reference
 from pipeline.rewards import RewardFailure, RunningMoments, merge_scored_shards, shape_scores
 
 REPORT_FAILED_SHARE = 0.1     # a step with this share of failed samples prints the failure
@@ -48,6 +48,7 @@ class Trainer:
         self.learners = LearnerGroup(pools.learners)
         self.weights = WeightSync(cfg, self.learners, pools.generators, self._gather)
         self.recompute_old_logprobs = learner_old_logprobs(cfg)
+        self.learner_reference = learner_reference(cfg)     # LoRA: log pi_ref from the base, adapters off
         self.step_count = 0
         self.elapsed_s = 0.0               # training seconds, carried across resumes
         self.resent_shards = 0             # shards resent after an actor died, over the whole run
@@ -150,18 +151,18 @@ class Trainer:
                                 f"function and resume with --resume, or raise reward.max_failed_steps")
 
     def reference_and_values(self, batch: TrainBatch) -> dict[str, float]:
-        """Rollout-time values and (when recomputed) pi_old from the learners, log pi_ref from the reference:
-        submitted together, gathered once."""
+        """Rollout-time values and (when recomputed) pi_old from the learners, log pi_ref from the reference
+        (or, in a LoRA run, from the learner's base): submitted together, gathered once."""
         r = batch.rollout
         batch.old_logprobs = r.logprobs
         if batch.num_sequences == 0:
             return {}
-        refs = [self.learners.submit_rollout_forward(r, self.recompute_old_logprobs)]
+        refs = [self.learners.submit_rollout_forward(r, self.recompute_old_logprobs, self.learner_reference)]
         if self.pools.reference is not None:
             refs.append(self.pools.reference.logprobs.remote(r))
         learned, *ref = ray.get(refs)
         batch.values = learned["values"]
-        batch.ref_logprobs = ref[0] if ref else None
+        batch.ref_logprobs = ref[0] if ref else learned["ref_logprobs"]
         if learned["old_logprobs"] is None:
             return {}
         batch.old_logprobs = learned["old_logprobs"]

@@ -26,10 +26,10 @@ class LearnerGroup:
         ref = ray.put(batch)
         return get_all([learner.update.remote(ref) for learner in self.ranks])[0]
 
-    def submit_rollout_forward(self, rollout, old_logprobs: bool):
-        """Ref to {"values", "old_logprobs"} of a fresh rollout (submitted; the driver gathers it together
-        with the reference's log-probs)."""
-        return self.rank0.rollout_forward.remote(rollout, old_logprobs)
+    def submit_rollout_forward(self, rollout, old_logprobs: bool, ref_logprobs: bool = False):
+        """Ref to {"values", "old_logprobs", "ref_logprobs"} of a fresh rollout (submitted; the driver gathers
+        it together with the reference actor's log-probs, when there is one)."""
+        return self.rank0.rollout_forward.remote(rollout, old_logprobs, ref_logprobs)
 
     def export_weights(self):
         """Ref to a checksummed weights packet of the current policy (in the generators' dtype)."""

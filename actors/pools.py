@@ -15,7 +15,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.shells import Learner, Reference, RewardScorer, RolloutWorker
 from pipeline.collective import DP_GROUP, resolve_backend
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, learner_reference
 from pipeline.errors import UserInputError
 
 
@@ -78,7 +78,7 @@ def layout(cfg: RunConfig) -> list[tuple[str, dict]]:
     roles = [("learner", bundle(r.cpus_per_learner, r.gpus_per_learner))] * r.learners
     roles += [("generator", bundle(r.cpus_per_rollout_worker, r.gpus_per_rollout_worker))] * r.rollout_workers
     roles += [("scorer", bundle(r.cpus_per_reward_scorer, r.gpus_per_reward_scorer))] * r.reward_scorers
-    if cfg.algorithm.kl_coef > 0:
+    if cfg.algorithm.kl_coef > 0 and not learner_reference(cfg):     # a LoRA run's reference is its base
         roles += [("reference", bundle(r.cpus_per_reference, r.gpus_per_learner and min(r.gpus_per_learner, 1.0)))]
     return roles
 

@@ -180,6 +180,19 @@ class LearnerConfig:
 
 
 @dataclass
+class LoraConfig:
+    rank: int = F(0, "LoRA rank of the policy's adapters (peft); 0 = full fine-tuning. Only the adapters train and "
+                  "are checkpointed; generators receive the merged weights (checksummed as always); the reference "
+                  "is the base without adapters, so no reference actor runs. The separate critic trains in full.",
+                  lo=0)
+    alpha: float = F(16.0, "Adapter scale: the update to a weight is (alpha / rank) * B @ A.", lo=0.0)
+    dropout: float = F(0.0, "Dropout on the adapter path; 0 keeps the learner's two forwards of a sample "
+                       "(pi_old, pi) comparable, as model.disable_dropout does for the base.", lo=0.0, hi=1.0)
+    target_modules: list = F(None, "Names of the modules that get adapters, e.g. [q_proj, v_proj]; [all-linear] = "
+                             "every linear layer but the output layer.", factory=lambda: ["all-linear"])
+
+
+@dataclass
 class ResourcesConfig:
     num_cpus: Optional[float] = F(None, "CPUs of the local Ray started when no cluster address is given; null "
                                   "= all of this machine's.", lo=1)
@@ -193,7 +206,8 @@ class ResourcesConfig:
                       "gradients are summed before the step, so K learners update exactly like one.", lo=1)
     cpus_per_learner: float = F(1.0, "CPU share of each learner.", lo=0.0)
     gpus_per_learner: float = F(0.0, "GPU share of each learner.", lo=0.0)
-    cpus_per_reference: float = F(0.25, "CPU share of the reference model (only started when kl_coef > 0).",
+    cpus_per_reference: float = F(0.25, "CPU share of the reference model (only started when kl_coef > 0 and "
+                                  "lora.rank = 0).",
                                   lo=0.0)
     torch_threads: int = F(0, "Intra-op threads per actor; 0 = round(its CPU share), at least 1.", lo=0)
     placement_strategy: str = F("PACK", "Placement group strategy for all actors.",
@@ -248,6 +262,7 @@ class RunConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -420,6 +435,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     if a.tis_cap is not None and not learner_old_logprobs(cfg):
         raise ConfigError("algorithm.tis_cap: importance weights pi_old / pi_sampler are 1 when pi_old is the "
                           "sampler's own log-probs; set algorithm.old_logprobs=learner, or tis_cap=null")
+    if cfg.lora.rank and not cfg.lora.target_modules:
+        raise ConfigError("lora.target_modules: empty; name the modules that get adapters, e.g. [q_proj, v_proj], "
+                          "or [all-linear]")
     if cfg.learner.minibatch_size < cfg.resources.learners:
         raise ConfigError(f"learner.minibatch_size: {cfg.learner.minibatch_size} sequences cannot be split over "
                           f"resources.learners={cfg.resources.learners} learners; use at least one per learner")
@@ -448,6 +466,12 @@ def learner_old_logprobs(cfg: RunConfig) -> bool:
     """Whether pi_old comes from a learner forward (True) or from the sampler (`algorithm.old_logprobs`)."""
     mode = cfg.algorithm.old_logprobs
     return mode == "learner" or (mode == "auto" and (cfg.model.dtype != "float32" or cfg.rollout.backend != "hf"))
+
+
+def learner_reference(cfg: RunConfig) -> bool:
+    """Whether log pi_ref comes from the learner (the LoRA policy's base, adapters off) rather than from a
+    reference actor holding a second copy of the model."""
+    return cfg.algorithm.kl_coef > 0 and cfg.lora.rank > 0
 
 
 def config_reference_markdown() -> str:

@@ -18,8 +18,11 @@ What it owns, so that no trainer has to get it right again:
   is counted; the weights never take a NaN. Every rank sees the same reduced norm, so all skip together.
 - **State and export**: optimizer and weights for checkpoints, the weights cast for the generators, a
   Hugging Face folder.
-Sharding (FSDP2) and adapters (LoRA) belong here as engine options: a trainer never touches parameters,
-gradients or the optimizer directly.
+- **LoRA** (`lora`, through peft, `pipeline.lora`): only the adapters train, sit in the optimizer and in
+  `state`; `export_state` and `save_hf` give the merged weights under the base model's names, so a
+  generator or `from_pretrained` never sees an adapter; `reference()` computes the base without adapters.
+Sharding (FSDP2) belongs here too, as an engine option: a trainer never touches parameters, gradients or
+the optimizer directly.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import torch
 from torch import nn
 
 from pipeline.collective import Group, all_reduce_grads
+from pipeline.lora import adapter_state, apply_lora, load_adapter_state, merged_copy, merged_state, without_adapters
 from pipeline.models import DTYPES, enable_activation_checkpointing
 
 
@@ -53,12 +57,13 @@ class TrainEngine:
     micro_batch_tokens: 0 = a trainer's rows go through in one pass; else the budget `micro_batches` uses.
     group: returns the data-parallel process group (or None): looked up at each step, because learners
     join their group after they are built.
+    lora: None, or {rank, alpha, dropout, target_modules}: train adapters on the frozen model instead.
     """
 
     def __init__(self, model: nn.Module, *, lr: float, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
                  compute_dtype: str = "float32", device: str = "cpu", gradient_checkpointing: bool = False,
                  micro_batch_tokens: int = 0, extra_modules: Optional[dict[str, nn.Module]] = None,
-                 group: Callable[[], Optional[Group]] = lambda: None):
+                 group: Callable[[], Optional[Group]] = lambda: None, lora: Optional[dict] = None):
         if compute_dtype not in DTYPES:
             raise ValueError(f"unknown compute dtype {compute_dtype!r}; valid: {', '.join(DTYPES)}")
         self.device = torch.device(device)
@@ -71,6 +76,9 @@ class TrainEngine:
         self.group = group
         if gradient_checkpointing:
             enable_activation_checkpointing(self.model)
+        self.lora = bool(lora)
+        if self.lora:
+            self.model = apply_lora(self.model, **lora)
         self.model.train()            # dropout is zeroed at load; train mode keeps gradient checkpointing on
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         for m in self.extra_modules.values():
@@ -135,8 +143,11 @@ class TrainEngine:
         return {name: self.model, **self.extra_modules}
 
     def state(self, name: str) -> tuple[dict, dict]:
-        """({module name: state dict}, {optimizer name: state}) for a checkpoint under `name`."""
+        """({module name: state dict}, {optimizer name: state}) for a checkpoint under `name`. With LoRA the
+        model's entry holds the adapters only: the base is the model folder the run started from."""
         models = {k: m.state_dict() for k, m in self.modules(name).items()}
+        if self.lora:
+            models[name] = adapter_state(self.model)
         optimizers = {name: self.optimizer.state_dict()}
         if self.scaler is not None:
             optimizers[f"{name}_scaler"] = self.scaler.state_dict()
@@ -144,7 +155,10 @@ class TrainEngine:
 
     def load_state(self, name: str, models: dict, optimizers: dict) -> None:
         for k, m in self.modules(name).items():
-            m.load_state_dict(models[k])
+            if self.lora and k == name:
+                load_adapter_state(m, models[k])
+            else:
+                m.load_state_dict(models[k])
         self.optimizer.load_state_dict(optimizers[name])
         if self.scaler is not None and f"{name}_scaler" in optimizers:
             self.scaler.load_state_dict(optimizers[f"{name}_scaler"])
@@ -153,7 +167,15 @@ class TrainEngine:
         """The model's weights as the generators hold them: detached, cast to `dtype` (default: the
         compute dtype). Tied weights appear under each of their names, as in `state_dict`."""
         target = DTYPES[dtype] if dtype else self.compute_dtype
-        return {k: v.detach().to(target) for k, v in self.model.state_dict().items()}
+        state = merged_state(self.model) if self.lora else self.model.state_dict()
+        return {k: v.detach().to(target) for k, v in state.items()}
+
+    def reference(self):
+        """Context in which a LoRA model computes its frozen base (adapters off): a LoRA run's reference
+        policy. Without adapters there is no base to switch to: the run keeps a reference model of its own."""
+        if not self.lora:
+            raise RuntimeError("TrainEngine.reference(): only a LoRA engine holds its reference (lora.rank > 0)")
+        return without_adapters(self.model)
 
     def save_hf(self, out_dir: str, tokenizer=None, dtype: Optional[str] = None) -> str:
         """The model as a Hugging Face folder (weights in `dtype`, default the compute dtype), atomically."""
@@ -162,5 +184,7 @@ class TrainEngine:
         from pipeline.checkpoint import save_hf_model
 
         target = DTYPES[dtype] if dtype else self.compute_dtype
-        model = self.model if target == torch.float32 else copy.deepcopy(self.model).to(target)
+        model = merged_copy(self.model) if self.lora else self.model
+        if target != torch.float32:
+            model = (model if self.lora else copy.deepcopy(model)).to(target)
         return save_hf_model(model, tokenizer, out_dir)

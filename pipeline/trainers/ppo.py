@@ -46,7 +46,10 @@ class PolicyLearner(GroupMember):
         if needs_critic and m.critic == "shared":
             # A value head on the policy trunk, trained through the policy optimizer (value_coef weighs it).
             extra["value_head"] = new_value_head(policy.config.get_text_config().hidden_size)
-        self.policy = self._engine(policy, lc.lr, extra)
+        lora = cfg.lora
+        self.policy = self._engine(policy, lc.lr, extra, lora=dict(
+            rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+            if lora.rank else None)
         self.value_head = self.policy.extra_modules.get("value_head")
         self.critic = None
         if needs_critic and m.critic == "separate":
@@ -54,13 +57,13 @@ class PolicyLearner(GroupMember):
             self.critic = self._engine(critic, lc.critic_lr)
         self.norm = float(cfg.rollout.max_new_tokens)   # Dr.GRPO's constant: the generation budget
 
-    def _engine(self, model, lr: float, extra=None) -> TrainEngine:
+    def _engine(self, model, lr: float, extra=None, lora=None) -> TrainEngine:
         m, lc = self.cfg.model, self.cfg.learner
         return TrainEngine(model, lr=lr, weight_decay=lc.weight_decay, max_grad_norm=lc.max_grad_norm,
                            compute_dtype=m.dtype, device=self.device,
                            gradient_checkpointing=lc.gradient_checkpointing,
                            micro_batch_tokens=lc.micro_batch_tokens, extra_modules=extra,
-                           group=lambda: self.group(DP_GROUP))
+                           group=lambda: self.group(DP_GROUP), lora=lora)
 
     # ------------------------------------------------------------------------------------------ forwards
     def _forward(self, r: Rollout, rows: torch.Tensor, **want) -> dict:
@@ -79,12 +82,13 @@ class PolicyLearner(GroupMember):
         return values[:, P - 1:P + T - 1]        # the positions that predict each completion token
 
     @torch.no_grad()
-    def rollout_forward(self, r: Rollout, old_logprobs: bool = False) -> dict:
+    def rollout_forward(self, r: Rollout, old_logprobs: bool = False, ref_logprobs: bool = False) -> dict:
         """What the learner knows of a fresh rollout, before any update: {"values": (N, T) rollout-time critic
         values or None when the estimator needs no critic, "old_logprobs": (N, T) log pi_old from this
-        learner's own forward, or None unless asked}. Micro-batched like the update."""
+        learner's own forward, or None unless asked, "ref_logprobs": (N, T) log pi_ref from the policy's
+        base with its LoRA adapters off, or None unless asked}. Micro-batched like the update."""
         need_policy = old_logprobs or self.value_head is not None
-        values, logprobs = [], []
+        values, logprobs, ref = [], [], []
         length = r.prompt_ids.shape[1] + r.completion_ids.shape[1]
         for rows in self.policy.micro_batches(torch.arange(len(r.prompts)), length):
             if need_policy:
@@ -93,11 +97,15 @@ class PolicyLearner(GroupMember):
                 logprobs.append(out["logprobs"].float().cpu())
                 if self.value_head is not None:
                     values.append(values_from_hidden(self.value_head, out["hidden"]).cpu())
+            if ref_logprobs:
+                with self.policy.reference(), self.policy.autocast():
+                    ref.append(self._forward(r, rows)["logprobs"].float().cpu())
             if self.critic is not None:
                 with self.critic.autocast():
                     values.append(self._critic_values(r, rows).float().cpu())
         return {"values": torch.cat(values) if values else None,
-                "old_logprobs": torch.cat(logprobs) if old_logprobs and logprobs else None}
+                "old_logprobs": torch.cat(logprobs) if old_logprobs and logprobs else None,
+                "ref_logprobs": torch.cat(ref) if ref else None}
 
     # ------------------------------------------------------------------------------------------ update
     def update(self, batch: TrainBatch) -> dict[str, float]:

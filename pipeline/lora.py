@@ -1,0 +1,119 @@
+"""LoRA adapters through `peft`, as the training engine uses them: only the adapters train (and sit in the
+optimizer and the checkpoint), the generators receive the merged weights under the base model's own names,
+and the base without adapters is the reference policy, so a LoRA run holds no second copy of the model.
+
+The merged weights are computed, never merged in place: peft's `merge_adapter` / `unmerge_adapter` add and
+subtract the delta on the float32 base weights, and W + d - d is not W, so a run that exports after every
+step would drift its base. `merged_state` adds each layer's delta to a copy of that layer's weight only.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+ALL_LINEAR = "all-linear"     # peft's name for every linear layer but the output layer
+
+
+def lora_target_modules(names: list[str]):
+    """The config's module list as peft takes it: ["all-linear"] is peft's string, else the list of names."""
+    return ALL_LINEAR if list(names) == [ALL_LINEAR] else list(names)
+
+
+def apply_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float, target_modules: list[str]) -> nn.Module:
+    """`model` wrapped by peft with fresh adapters (B = 0, so the wrapped model computes what `model` did);
+    every base parameter frozen. The adapters' A init draws from torch's global generator, which every
+    data-parallel rank seeds alike."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                        target_modules=lora_target_modules(target_modules), bias="none")
+    try:
+        with warnings.catch_warnings():     # peft asks transformers 5 a deprecated question: not the user's
+            warnings.simplefilter("ignore", FutureWarning)
+            return get_peft_model(model, config)
+    except ValueError as e:   # peft: "Target modules {...} not found in the base model"
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"lora.target_modules={list(target_modules)}: {e}. This model's linear layers are named "
+                         f"{', '.join(names)}; or use [{ALL_LINEAR}]") from None
+
+
+def is_lora(model: nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """{module name in the base model: peft LoRA layer}."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: m for name, m in model.get_base_model().named_modules() if isinstance(m, LoraLayer)}
+
+
+def merged_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's state dict with every adapter's delta added to its layer's weight, under the names
+    the unwrapped model has (what a generator or `from_pretrained` loads). Detached; the model is unchanged."""
+    layers = _lora_layers(model)
+    deltas = {}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            delta = 0
+            for adapter in layer.active_adapters:
+                if adapter in layer.lora_A:
+                    delta = delta + layer.get_delta_weight(adapter)
+            deltas[name] = delta
+        out = {}
+        for key, value in model.get_base_model().state_dict().items():
+            if ".lora_" in key:
+                continue
+            key = key.replace(".base_layer.", ".")
+            module, _, leaf = key.rpartition(".")
+            if leaf == "weight" and module in deltas:
+                value = value + deltas[module]
+            out[key] = value.detach()
+    return out
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapters' weights (peft's names): what a LoRA checkpoint holds."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load `adapter_state`'s output; a missing or unexpected adapter weight raises (a checkpoint of another
+    rank or target-module list must not load half)."""
+    from peft import set_peft_model_state_dict
+
+    expected = {k: tuple(v.shape) for k, v in adapter_state(model).items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if got != expected:
+        missing, unexpected = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+        reshaped = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
+        raise ValueError(f"the checkpoint's LoRA adapters do not match this model's (lora.rank / "
+                         f"lora.target_modules changed?): missing {missing[:2]}, unexpected {unexpected[:2]}, "
+                         f"other shape {[(k, got[k], expected[k]) for k in reshaped[:1]]}")
+    set_peft_model_state_dict(model, state)
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A plain model (no peft wrapper) with the adapters merged in, for `save_pretrained`."""
+    import copy
+
+    return copy.deepcopy(model).merge_and_unload()     # merged in the copy: the training model is untouched
+
+
+def without_adapters(model: nn.Module):
+    """Context in which `model` computes the base model's outputs (the reference policy)."""
+    if not is_lora(model):
+        return contextlib.nullcontext()
+    return model.disable_adapter()
+
+
+__all__ = ["ALL_LINEAR", "apply_lora", "is_lora", "merged_state", "adapter_state", "load_adapter_state",
+           "merged_copy", "without_adapters", "lora_target_modules"]
