@@ -43,3 +43,19 @@ def test_rollout_scaling_table_has_a_row_per_worker_count(tiny_task, tmp_path):
     assert json.loads((tmp_path / "rollout_scaling.json").read_text())["rows"][1]["workers"] == 2
     table = (tmp_path / "rollout_scaling.md").read_text().splitlines()
     assert [line.split("|")[1].strip() for line in table if line.startswith("| ") and line[2].isdigit()] == ["1", "2"]
+
+
+@pytest.mark.unit
+def test_learner_memory_measures_full_and_lora_in_fresh_processes(tmp_path):
+    bench = load_bench("learner_memory")
+    summary = bench.main(["--sizes", "3M", "--batch", "1", "--seq", "16", "--steps", "1", "--lora-rank", "4",
+                          "--out", str(tmp_path)])
+    full, lora = summary["rows"]
+    assert (full["mode"], lora["mode"]) == ("full", "lora") and "error" not in full and "error" not in lora
+    assert 2.5e6 < full["parameters"] < 4e6 and full["trainable"] == full["parameters"]
+    assert 0 < lora["trainable"] < 0.1 * full["trainable"]                 # only the adapters train
+    assert lora["optimizer_gib"] < 0.1 * full["optimizer_gib"]             # AdamW holds two moments of each
+    assert full["optimizer_gib"] == pytest.approx(2 * 4 * full["parameters"] / 2**30, rel=0.01)
+    assert full["peak_rss_gib"] > full["rss_before_model_gib"] > 0
+    table = (tmp_path / "learner_memory.md").read_text()
+    assert "| 3M | full |" in table and "| 3M | lora |" in table

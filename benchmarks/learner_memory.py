@@ -1,0 +1,145 @@
+"""Peak memory of one learner process: full fine-tuning against LoRA, on Llama models of growing size.
+
+Each (size, mode) runs in a fresh Python process, so one measurement's allocations never inflate the next:
+the child builds a randomly initialised Llama of about the asked size, wraps it in the training engine that
+every rlpipe trainer uses (`pipeline.engine.TrainEngine`: float32 master weights, AdamW), takes --steps
+optimizer steps on random tokens (--batch sequences of --seq tokens) and reports its peak resident set
+(`ru_maxrss`), its trainable parameters and the bytes AdamW's state takes. Full training holds ~16 bytes
+per parameter (weights, gradients, two moments); LoRA holds the frozen weights (4 bytes per parameter) and
+16 bytes per adapter parameter. Sharding (FSDP2) is a third mode still to come.
+
+    python benchmarks/learner_memory.py [--sizes 10M,50M,200M] [--modes full,lora] [--lora-rank 16]
+        [--batch 4] [--seq 128] [--steps 2] [--out DIR]
+
+Writes learner_memory.json and learner_memory.md (a table) to --out (default runs/benchmarks).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+VOCAB = 8192
+SHAPES = {                 # hidden, layers: ~12 * hidden^2 per layer plus untied embeddings and head
+    "3M": (128, 4),
+    "10M": (256, 8),
+    "50M": (512, 12),
+    "200M": (1024, 14),
+    "500M": (1536, 16),
+}
+
+
+def llama_config(size: str):
+    """A Llama config of about `size` parameters (keys of SHAPES)."""
+    from transformers import LlamaConfig
+
+    if size not in SHAPES:
+        raise SystemExit(f"--sizes: {size!r} is not one of {', '.join(SHAPES)}")
+    hidden, layers = SHAPES[size]
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
+                       num_hidden_layers=layers, num_attention_heads=max(4, hidden // 64),
+                       num_key_value_heads=max(4, hidden // 64), max_position_embeddings=512,
+                       tie_word_embeddings=False)
+
+
+def measure(size: str, mode: str, lora_rank: int, batch: int, seq: int, steps: int) -> dict:
+    """In this process: build, train `steps` steps, report peak RSS and the parameter counts."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.engine import TrainEngine
+
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model = AutoModelForCausalLM.from_config(llama_config(size))
+    lora = dict(rank=lora_rank, alpha=2.0 * lora_rank, dropout=0.0, target_modules=["all-linear"]) \
+        if mode == "lora" else None
+    engine = TrainEngine(model, lr=1e-4, lora=lora)
+    total = sum(p.numel() for p in engine.model.parameters())
+    trainable = sum(p.numel() for p in engine.params)
+    ids = torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1))
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = engine.model(input_ids=ids, labels=ids)
+        engine.backward(out.loss)
+        engine.step()
+    seconds = (time.perf_counter() - start) / steps
+    optimizer_bytes = sum(t.numel() * t.element_size() for s in engine.optimizer.state.values()
+                          for t in s.values() if torch.is_tensor(t))
+    return {"size": size, "mode": mode, "parameters": total, "trainable": trainable,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "rss_before_model_gib": before / 2**20, "optimizer_gib": optimizer_bytes / 2**30,
+            "step_s": seconds, "batch": batch, "seq": seq}
+
+
+def run_child(size: str, mode: str, args) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", size, mode, "--lora-rank", str(args.lora_rank),
+           "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"size": size, "mode": mode, "error": (done.stderr.strip().splitlines() or ["killed"])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | mode | parameters | trainable | peak RSS (GiB) | above start (GiB) | vs full | AdamW state (GiB) "
+             "| s/step |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def used(r: dict) -> float:      # what the model and its training added to the bare interpreter + torch
+        return r["peak_rss_gib"] - r["rss_before_model_gib"]
+
+    full = {r["size"]: used(r) for r in rows if r.get("mode") == "full" and "error" not in r}
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['size']} | {r['mode']} | | | failed: {r['error']} | | | | |")
+            continue
+        ratio = f"{used(r) / full[r['size']]:.0%}" if r["size"] in full else ""
+        lines.append(f"| {r['size']} | {r['mode']} | {r['parameters'] / 1e6:.1f} M | {r['trainable'] / 1e6:.2f} M | "
+                     f"{r['peak_rss_gib']:.2f} | {used(r):.2f} | {ratio} | {r['optimizer_gib']:.3f} | "
+                     f"{r['step_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="10M,50M,200M")
+    p.add_argument("--modes", default="full,lora")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--out", default="runs/benchmarks")
+    p.add_argument("--child", nargs=2, metavar=("SIZE", "MODE"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(measure(*args.child, args.lora_rank, args.batch, args.seq, args.steps)))
+        return {}
+    modes = args.modes.split(",")
+    if set(modes) - {"full", "lora"}:
+        raise SystemExit(f"--modes: {args.modes!r}; valid: full, lora")
+    rows = []
+    for size in args.sizes.split(","):
+        for mode in modes:
+            print(f"{size} {mode} ...", flush=True)
+            rows.append(run_child(size, mode, args))
+            print("  " + json.dumps(rows[-1]), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    summary = {"rows": rows, "lora_rank": args.lora_rank, "batch": args.batch, "seq": args.seq}
+    with open(os.path.join(args.out, "learner_memory.json"), "w") as fh:
+        json.dump(summary, fh, indent=2)
+    md = table(rows)
+    with open(os.path.join(args.out, "learner_memory.md"), "w") as fh:
+        fh.write(md + "\n")
+    print(md)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
