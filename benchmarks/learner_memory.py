@@ -48,6 +48,15 @@ def llama_config(size: str):
                        tie_word_embeddings=False)
 
 
+def current_rss_gib() -> float:
+    """This process's resident set now (Linux /proc; elsewhere its peak so far, an upper bound)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def measure(size: str, mode: str, lora_rank: int, batch: int, seq: int, steps: int) -> dict:
     """In this process: build, train `steps` steps, report peak RSS and the parameter counts."""
     import torch
@@ -57,7 +66,7 @@ def measure(size: str, mode: str, lora_rank: int, batch: int, seq: int, steps: i
 
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = current_rss_gib()     # the interpreter with torch and transformers, before the model
     model = AutoModelForCausalLM.from_config(llama_config(size))
     lora = dict(rank=lora_rank, alpha=2.0 * lora_rank, dropout=0.0, target_modules=["all-linear"]) \
         if mode == "lora" else None
@@ -75,7 +84,7 @@ def measure(size: str, mode: str, lora_rank: int, batch: int, seq: int, steps: i
                           for t in s.values() if torch.is_tensor(t))
     return {"size": size, "mode": mode, "parameters": total, "trainable": trainable,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "rss_before_model_gib": before / 2**20, "optimizer_gib": optimizer_bytes / 2**30,
+            "rss_before_model_gib": before, "optimizer_gib": optimizer_bytes / 2**30,
             "step_s": seconds, "batch": batch, "seq": seq}
 
 

@@ -56,6 +56,6 @@ def test_learner_memory_measures_full_and_lora_in_fresh_processes(tmp_path):
     assert 0 < lora["trainable"] < 0.1 * full["trainable"]                 # only the adapters train
     assert lora["optimizer_gib"] < 0.1 * full["optimizer_gib"]             # AdamW holds two moments of each
     assert full["optimizer_gib"] == pytest.approx(2 * 4 * full["parameters"] / 2**30, rel=0.01)
-    assert full["peak_rss_gib"] > full["rss_before_model_gib"] > 0
+    assert full["peak_rss_gib"] >= full["rss_before_model_gib"] > 0     # the peak may be the imports' own
     table = (tmp_path / "learner_memory.md").read_text()
     assert "| 3M | full |" in table and "| 3M | lora |" in table
