@@ -18,7 +18,10 @@ def weights(run_dir):
     return load_file(str(run_dir / "model" / "model.safetensors"))
 
 
-def assert_same_weights(a, b, rtol=1e-4, atol=1e-6):
+def assert_same_weights(a, b, rtol=1e-4, atol=1e-5):
+    """atol 1e-5, as the PPO learners' parity test: AdamW divides each element's gradient by its own scale, so
+    an element whose gradient is near zero turns the all-reduce's float order into a visible difference (seen:
+    1 of 2,048 reward-model weights off by 1.9e-6 after 3 steps on one machine, none on another)."""
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
