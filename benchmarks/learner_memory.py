@@ -109,7 +109,7 @@ def table(rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"| {r['size']} | {r['mode']} | | | failed: {r['error']} | | | | |")
             continue
-        ratio = f"{used(r) / full[r['size']]:.0%}" if r["size"] in full else ""
+        ratio = f"{used(r) / full[r['size']]:.0%}" if full.get(r["size"], 0) > 0 else ""
         lines.append(f"| {r['size']} | {r['mode']} | {r['parameters'] / 1e6:.1f} M | {r['trainable'] / 1e6:.2f} M | "
                      f"{r['peak_rss_gib']:.2f} | {used(r):.2f} | {ratio} | {r['optimizer_gib']:.3f} | "
                      f"{r['step_s']:.1f} |")
