@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from pipeline.collective import Group, all_reduce_grads
-from pipeline.lora import adapter_state, apply_lora, load_adapter_state, merged_copy, merged_state, without_adapters
+from pipeline.lora import adapter_state, apply_lora, load_adapter_state, merged_copy, merged_state
 from pipeline.models import DTYPES, enable_activation_checkpointing
 
 
@@ -175,7 +175,7 @@ class TrainEngine:
         policy. Without adapters there is no base to switch to: the run keeps a reference model of its own."""
         if not self.lora:
             raise RuntimeError("TrainEngine.reference(): only a LoRA engine holds its reference (lora.rank > 0)")
-        return without_adapters(self.model)
+        return self.model.disable_adapter()     # peft's context manager
 
     def save_hf(self, out_dir: str, tokenizer=None, dtype: Optional[str] = None) -> str:
         """The model as a Hugging Face folder (weights in `dtype`, default the compute dtype), atomically."""
@@ -184,7 +184,8 @@ class TrainEngine:
         from pipeline.checkpoint import save_hf_model
 
         target = DTYPES[dtype] if dtype else self.compute_dtype
-        model = merged_copy(self.model) if self.lora else self.model
-        if target != torch.float32:
-            model = (model if self.lora else copy.deepcopy(model)).to(target)
+        if self.lora:
+            model = merged_copy(self.model).to(target)         # a copy already: cast in place
+        else:
+            model = self.model if target == torch.float32 else copy.deepcopy(self.model).to(target)
         return save_hf_model(model, tokenizer, out_dir)

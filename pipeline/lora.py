@@ -8,9 +8,7 @@ step would drift its base. `merged_state` adds each layer's delta to a copy of t
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
-from typing import Optional
 
 import torch
 from torch import nn
@@ -39,12 +37,6 @@ def apply_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float, tar
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ValueError(f"lora.target_modules={list(target_modules)}: {e}. This model's linear layers are named "
                          f"{', '.join(names)}; or use [{ALL_LINEAR}]") from None
-
-
-def is_lora(model: nn.Module) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
 
 
 def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -88,9 +80,9 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load `adapter_state`'s output; a missing or unexpected adapter weight raises (a checkpoint of another
     rank or target-module list must not load half)."""
-    from peft import set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    expected = {k: tuple(v.shape) for k, v in adapter_state(model).items()}
+    expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     if got != expected:
         missing, unexpected = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
@@ -108,12 +100,5 @@ def merged_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).merge_and_unload()     # merged in the copy: the training model is untouched
 
 
-def without_adapters(model: nn.Module):
-    """Context in which `model` computes the base model's outputs (the reference policy)."""
-    if not is_lora(model):
-        return contextlib.nullcontext()
-    return model.disable_adapter()
-
-
-__all__ = ["ALL_LINEAR", "apply_lora", "is_lora", "merged_state", "adapter_state", "load_adapter_state",
-           "merged_copy", "without_adapters", "lora_target_modules"]
+__all__ = ["ALL_LINEAR", "apply_lora", "merged_state", "adapter_state", "load_adapter_state", "merged_copy",
+           "lora_target_modules"]

@@ -14,6 +14,7 @@ the whole minibatch in one pass, and stay identical.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -46,10 +47,7 @@ class PolicyLearner(GroupMember):
         if needs_critic and m.critic == "shared":
             # A value head on the policy trunk, trained through the policy optimizer (value_coef weighs it).
             extra["value_head"] = new_value_head(policy.config.get_text_config().hidden_size)
-        lora = cfg.lora
-        self.policy = self._engine(policy, lc.lr, extra, lora=dict(
-            rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
-            if lora.rank else None)
+        self.policy = self._engine(policy, lc.lr, extra, lora=dataclasses.asdict(cfg.lora) if cfg.lora.rank else None)
         self.value_head = self.policy.extra_modules.get("value_head")
         self.critic = None
         if needs_critic and m.critic == "separate":
