@@ -20,7 +20,7 @@ from actors.weight_sync import WeightSync
 from pipeline.algorithms.advantages import AdvantageInputs, compute_advantages, place_sequence_reward
 from pipeline.algorithms.core import kl_penalty, masked_mean
 from pipeline.batch import Rollout, TrainBatch, concat_rollouts, split_indices
-from pipeline.config import RunConfig, learner_old_logprobs, learner_reference
+from pipeline.config import RunConfig, learner_old_logprobs, learner_reference, learners_sharded
 from pipeline.rewards import RewardFailure, RunningMoments, merge_scored_shards, shape_scores
 
 REPORT_FAILED_SHARE = 0.1     # a step with this share of failed samples prints the failure
@@ -45,7 +45,7 @@ class Trainer:
         self.sampler = PromptSampler(train_table, cfg.rollout.prompts_per_step, cfg.data.seed)
         self.extra_columns = [c for c in train_table.column_names if c != cfg.data.prompt_column]
         self.eval_rows = self._eval_rows(eval_table)
-        self.learners = LearnerGroup(pools.learners)
+        self.learners = LearnerGroup(pools.learners, learners_sharded(cfg))
         self.weights = WeightSync(cfg, self.learners, pools.generators, self._gather)
         self.recompute_old_logprobs = learner_old_logprobs(cfg)
         self.learner_reference = learner_reference(cfg)     # LoRA: log pi_ref from the base, adapters off

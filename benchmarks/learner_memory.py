@@ -1,4 +1,5 @@
-"""Peak memory of one learner process: full fine-tuning against LoRA, on Llama models of growing size.
+"""Peak memory of one learner process: full fine-tuning, FSDP2 sharding and LoRA, on Llama models of growing
+size.
 
 Each (size, mode) runs in a fresh Python process, so one measurement's allocations never inflate the next:
 the child builds a randomly initialised Llama of about the asked size, wraps it in the training engine that
@@ -6,10 +7,13 @@ every rlpipe trainer uses (`pipeline.engine.TrainEngine`: float32 master weights
 optimizer steps on random tokens (--batch sequences of --seq tokens) and reports its peak resident set
 (`ru_maxrss`), its trainable parameters and the bytes AdamW's state takes. Full training holds ~16 bytes
 per parameter (weights, gradients, two moments); LoRA holds the frozen weights (4 bytes per parameter) and
-16 bytes per adapter parameter. Sharding (FSDP2) is a third mode still to come.
+16 bytes per adapter parameter. Shard runs --shards learner processes (gloo on this CPU) whose engines
+shard the model with FSDP2 (`TrainEngine.shard`), each taking its 1/K of the batch, as data-parallel learners
+do; the row reports the largest peak of its ranks. Each holds ~16/K bytes per parameter plus one gathered
+block at a time; every rank still builds the whole model once before sharding it.
 
-    python benchmarks/learner_memory.py [--sizes 10M,50M,200M] [--modes full,lora] [--lora-rank 16]
-        [--batch 4] [--seq 128] [--steps 2] [--out DIR]
+    python benchmarks/learner_memory.py [--sizes 10M,50M,200M] [--modes full,shard,lora] [--shards 2]
+        [--lora-rank 16] [--batch 4] [--seq 128] [--steps 2] [--out DIR]
 
 Writes learner_memory.json and learner_memory.md (a table) to --out (default runs/benchmarks).
 """
@@ -57,15 +61,17 @@ def current_rss_gib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def measure(size: str, mode: str, lora_rank: int, batch: int, seq: int, steps: int) -> dict:
-    """In this process: build, train `steps` steps, report peak RSS and the parameter counts."""
+def measure(size: str, mode: str, lora_rank: int, batch: int, seq: int, steps: int, rank: int = 0,
+            world: int = 1, port: int = 0) -> dict:
+    """In this process (rank `rank` of `world` for shard): build, train `steps` steps, report peak RSS and
+    the parameter counts."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from pipeline.engine import TrainEngine
 
     torch.manual_seed(0)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     before = current_rss_gib()     # the interpreter with torch and transformers, before the model
     model = AutoModelForCausalLM.from_config(llama_config(size))
     lora = dict(rank=lora_rank, alpha=2.0 * lora_rank, dropout=0.0, target_modules=["all-linear"]) \
@@ -73,33 +79,61 @@ def measure(size: str, mode: str, lora_rank: int, batch: int, seq: int, steps: i
     engine = TrainEngine(model, lr=1e-4, lora=lora)
     total = sum(p.numel() for p in engine.model.parameters())
     trainable = sum(p.numel() for p in engine.params)
+    if mode == "shard":
+        import torch.distributed as dist
+
+        from pipeline.collective import Group
+
+        store = dist.TCPStore("127.0.0.1", port, world, is_master=True) if rank == 0 else None
+        engine.shard(Group("127.0.0.1", port, rank, world, store=store, world=True).mesh("cpu"))
     ids = torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1))
+    ids = ids.tensor_split(world)[rank]          # a data-parallel rank's share of the batch
     start = time.perf_counter()
     for _ in range(steps):
         out = engine.model(input_ids=ids, labels=ids)
         engine.backward(out.loss)
         engine.step()
     seconds = (time.perf_counter() - start) / steps
-    optimizer_bytes = sum(t.numel() * t.element_size() for s in engine.optimizer.state.values()
-                          for t in s.values() if torch.is_tensor(t))
+    local = [t.to_local() if hasattr(t, "to_local") else t for s in engine.optimizer.state.values()
+             for t in s.values() if torch.is_tensor(t)]
+    optimizer_bytes = sum(t.numel() * t.element_size() for t in local)
+    if mode == "shard":
+        dist.destroy_process_group()
     return {"size": size, "mode": mode, "parameters": total, "trainable": trainable,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "rss_before_model_gib": before, "optimizer_gib": optimizer_bytes / 2**30,
             "step_s": seconds, "batch": batch, "seq": seq}
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_child(size: str, mode: str, args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", size, mode, "--lora-rank", str(args.lora_rank),
-           "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        return {"size": size, "mode": mode, "error": (done.stderr.strip().splitlines() or ["killed"])[-1]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """One measurement in fresh processes: one, or --shards ranks for shard (the row keeps the largest peak)."""
+    world = args.shards if mode == "shard" else 1
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", size, mode,
+                               "--lora-rank", str(args.lora_rank), "--batch", str(args.batch), "--seq", str(args.seq),
+                               "--steps", str(args.steps), "--rank", str(rank), "--shards", str(world),
+                               "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in range(world)]
+    done = [(p, *p.communicate()) for p in procs]
+    failed = [err for p, _, err in done if p.returncode != 0]
+    if failed:
+        return {"size": size, "mode": mode, "error": (failed[0].strip().splitlines() or ["killed"])[-1]}
+    ranks = [json.loads(out.strip().splitlines()[-1]) for _, out, _ in done]
+    row = max(ranks, key=lambda r: r["peak_rss_gib"] - r["rss_before_model_gib"])
+    return {**row, "ranks": world}
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | mode | parameters | trainable | peak RSS (GiB) | above start (GiB) | vs full | AdamW state (GiB) "
-             "| s/step |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | mode | learners | parameters | trainable | peak RSS per learner (GiB) | above start (GiB) "
+             "| vs full | AdamW state per learner (GiB) | s/step |", "|---|---|---|---|---|---|---|---|---|---|"]
 
     def used(r: dict) -> float:      # what the model and its training added to the bare interpreter + torch
         return r["peak_rss_gib"] - r["rss_before_model_gib"]
@@ -107,10 +141,11 @@ def table(rows: list[dict]) -> str:
     full = {r["size"]: used(r) for r in rows if r.get("mode") == "full" and "error" not in r}
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['size']} | {r['mode']} | | | failed: {r['error']} | | | | |")
+            lines.append(f"| {r['size']} | {r['mode']} | | | | failed: {r['error']} | | | | |")
             continue
         ratio = f"{used(r) / full[r['size']]:.0%}" if full.get(r["size"], 0) > 0 else ""
-        lines.append(f"| {r['size']} | {r['mode']} | {r['parameters'] / 1e6:.1f} M | {r['trainable'] / 1e6:.2f} M | "
+        lines.append(f"| {r['size']} | {r['mode']} | {r.get('ranks', 1)} | {r['parameters'] / 1e6:.1f} M | "
+                     f"{r['trainable'] / 1e6:.2f} M | "
                      f"{r['peak_rss_gib']:.2f} | {used(r):.2f} | {ratio} | {r['optimizer_gib']:.3f} | "
                      f"{r['step_s']:.1f} |")
     return "\n".join(lines)
@@ -119,20 +154,27 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="10M,50M,200M")
-    p.add_argument("--modes", default="full,lora")
+    p.add_argument("--modes", default="full,shard,lora")
+    p.add_argument("--shards", type=int, default=2, help="learner processes of the shard mode")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--out", default="runs/benchmarks")
     p.add_argument("--child", nargs=2, metavar=("SIZE", "MODE"), help=argparse.SUPPRESS)
+    p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(measure(*args.child, args.lora_rank, args.batch, args.seq, args.steps)))
+        world = args.shards if args.child[1] == "shard" else 1
+        print(json.dumps(measure(*args.child, args.lora_rank, args.batch, args.seq, args.steps, args.rank, world,
+                                 args.port)))
         return {}
     modes = args.modes.split(",")
-    if set(modes) - {"full", "lora"}:
-        raise SystemExit(f"--modes: {args.modes!r}; valid: full, lora")
+    if "shard" in modes and not 2 <= args.shards <= args.batch:
+        raise SystemExit(f"--shards: {args.shards}; shard mode needs 2 or more learners, at most --batch ({args.batch})")
+    if set(modes) - {"full", "shard", "lora"}:
+        raise SystemExit(f"--modes: {args.modes!r}; valid: full, shard, lora")
     rows = []
     for size in args.sizes.split(","):
         for mode in modes:
@@ -140,7 +182,7 @@ def main(argv=None) -> dict:
             rows.append(run_child(size, mode, args))
             print("  " + json.dumps(rows[-1]), flush=True)
     os.makedirs(args.out, exist_ok=True)
-    summary = {"rows": rows, "lora_rank": args.lora_rank, "batch": args.batch, "seq": args.seq}
+    summary = {"rows": rows, "lora_rank": args.lora_rank, "batch": args.batch, "seq": args.seq, "shards": args.shards}
     with open(os.path.join(args.out, "learner_memory.json"), "w") as fh:
         json.dump(summary, fh, indent=2)
     md = table(rows)

@@ -39,16 +39,24 @@ def resolve_backend(backend: str, on_gpu: bool) -> str:
 
 
 class Group:
-    """One process group: `size` members, this one is `rank`. Tensors must live on the backend's device."""
+    """One process group: `size` members, this one is `rank`. Tensors must live on the backend's device.
+
+    world: make it the process's default group (`torch.distributed.init_process_group`), which FSDP2's
+    device mesh needs; only a process in no other default group can (a sharded learner, for its peers)."""
 
     def __init__(self, host: str, port: int, rank: int, size: int, backend: str = "gloo",
-                 timeout_s: float = 60.0, store: dist.TCPStore | None = None):
+                 timeout_s: float = 60.0, store: dist.TCPStore | None = None, world: bool = False):
         timeout = timedelta(seconds=timeout_s)
-        self.rank, self.size, self.backend = rank, size, backend
+        self.rank, self.size, self.backend, self.world = rank, size, backend, world
         if store is None:
             store = dist.TCPStore(host, port, size, is_master=False, timeout=timeout)
         self.store = store                        # rank 0's store must outlive the group
-        if backend == "gloo":
+        if world:
+            if backend not in ("gloo", "nccl"):
+                raise ValueError(f"unknown collective backend {backend!r}; valid: gloo, nccl")
+            dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
+            self.pg = dist.distributed_c10d._get_default_group()
+        elif backend == "gloo":
             self.pg = dist.ProcessGroupGloo(store, rank, size, timeout)
         elif backend == "nccl":
             opts = dist.ProcessGroupNCCL.Options()
@@ -56,6 +64,18 @@ class Group:
             self.pg = dist.ProcessGroupNCCL(store, rank, size, opts)
         else:
             raise ValueError(f"unknown collective backend {backend!r}; valid: gloo, nccl")
+
+    def mesh(self, device_type: str):
+        """The group as FSDP2's 1-D device mesh (a `world` group only)."""
+        from torch.distributed.device_mesh import DeviceMesh
+
+        if not self.world:
+            raise RuntimeError("Group.mesh(): build the group with world=True")
+        return DeviceMesh.from_group(dist.group.WORLD, device_type)
+
+    def close(self) -> None:
+        if self.world and dist.is_initialized():
+            dist.destroy_process_group()
 
     def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
         """In place: every member ends with the elementwise sum over members."""
@@ -165,14 +185,17 @@ class GroupMember:
         return host, port
 
     def join_group(self, name: str, host: str, port: int, rank: int, size: int, backend: str = "gloo",
-                   timeout_s: float = 60.0) -> None:
-        """Blocks until every member joined. Rank 0 calls `open_store` first."""
+                   timeout_s: float = 60.0, world: bool = False) -> None:
+        """Blocks until every member joined. Rank 0 calls `open_store` first. world: see `Group`."""
         store = self.__dict__.get("_stores", {}).pop(name, None) if rank == 0 else None
         self.leave_group(name)
-        self.__dict__.setdefault("groups", {})[name] = Group(host, port, rank, size, backend, timeout_s, store)
+        self.__dict__.setdefault("groups", {})[name] = Group(host, port, rank, size, backend, timeout_s, store,
+                                                             world)
 
     def leave_group(self, name: str) -> None:
-        self.__dict__.get("groups", {}).pop(name, None)
+        group = self.__dict__.get("groups", {}).pop(name, None)
+        if group is not None:
+            group.close()
 
     def group(self, name: str) -> Group | None:
         return self.__dict__.get("groups", {}).get(name)

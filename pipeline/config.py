@@ -177,6 +177,12 @@ class LearnerConfig:
                                 "and their gradients accumulated, exactly; 0 = one pass.", lo=0)
     gradient_checkpointing: bool = F(False, "Recompute activations in the backward pass (less memory, ~30% more "
                                      "compute).")
+    parallel: str = F("replicate", "How resources.learners > 1 learners hold the model (policy and separate "
+                      "critic): replicate = each holds all of it and gradients are all-reduced; shard = FSDP2 "
+                      "splits weights, gradients and AdamW state K ways (about 1/K each per learner), gathering "
+                      "one transformer block at a time. Both take the step one learner would. Checkpoints of a "
+                      "sharded run hold the gathered state and resume on any number of learners.",
+                      choices=("replicate", "shard"))
 
 
 @dataclass
@@ -438,6 +444,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.lora.rank and not cfg.lora.target_modules:
         raise ConfigError("lora.target_modules: empty; name the modules that get adapters, e.g. [q_proj, v_proj], "
                           "or [all-linear]")
+    if cfg.learner.parallel == "shard" and cfg.lora.rank:
+        raise ConfigError("learner.parallel: shard with lora.rank > 0 is not supported; LoRA's adapters are small, "
+                          "train them replicated (learner.parallel=replicate)")
+    if cfg.learner.parallel == "shard" and cfg.model.dtype == "float16":
+        raise ConfigError("learner.parallel: shard runs in bfloat16 or float32 (float16's loss scaler does not "
+                          "shard); set model.dtype=bfloat16")
     if cfg.learner.minibatch_size < cfg.resources.learners:
         raise ConfigError(f"learner.minibatch_size: {cfg.learner.minibatch_size} sequences cannot be split over "
                           f"resources.learners={cfg.resources.learners} learners; use at least one per learner")
@@ -472,6 +484,11 @@ def learner_reference(cfg: RunConfig) -> bool:
     """Whether log pi_ref comes from the learner (the LoRA policy's base, adapters off) rather than from a
     reference actor holding a second copy of the model."""
     return cfg.algorithm.kl_coef > 0 and cfg.lora.rank > 0
+
+
+def learners_sharded(cfg: RunConfig) -> bool:
+    """True when the learners shard the model between them (FSDP2): more than one, learner.parallel=shard."""
+    return cfg.learner.parallel == "shard" and cfg.resources.learners > 1
 
 
 def config_reference_markdown() -> str:

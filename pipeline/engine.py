@@ -21,8 +21,14 @@ What it owns, so that no trainer has to get it right again:
 - **LoRA** (`lora`, through peft, `pipeline.lora`): only the adapters train, sit in the optimizer and in
   `state`; `export_state` and `save_hf` give the merged weights under the base model's names, so a
   generator or `from_pretrained` never sees an adapter; `reference()` computes the base without adapters.
-Sharding (FSDP2) belongs here too, as an engine option: a trainer never touches parameters, gradients or
-the optimizer directly.
+- **Sharding** (`shard`, FSDP2's `fully_shard` over the learners' process group): each of K learners holds
+  1/K of the weights, gradients and AdamW moments; every transformer block is gathered for its forward and
+  backward and freed after, and gradients are reduce-scattered (summed, as the replicated all-reduce does).
+  Every rank must then run the same passes: `micro_batches` pads a rank's list with empty chunks, which the
+  trainer runs on a stand-in row with weight 0. Checkpoints hold the gathered (full) state keyed by name, so
+  a run resumes on any number of learners, sharded or not; export gathers one tensor at a time to rank 0
+  (the only one that keeps them).
+A trainer never touches parameters, gradients or the optimizer directly.
 """
 from __future__ import annotations
 
@@ -35,7 +41,7 @@ from torch import nn
 
 from pipeline.collective import Group, all_reduce_grads
 from pipeline.lora import adapter_state, apply_lora, load_adapter_state, merged_copy, merged_state
-from pipeline.models import DTYPES, enable_activation_checkpointing
+from pipeline.models import DTYPES, enable_activation_checkpointing, transformer_blocks
 
 
 def lr_factor(step: int, warmup_steps: int, decay_steps: Optional[int] = None, floor: float = 0.1) -> float:
@@ -87,6 +93,45 @@ class TrainEngine:
         # float16's 5 exponent bits underflow small gradients: scale the loss up, unscale before clipping.
         self.scaler = torch.amp.GradScaler(self.device.type) if self.compute_dtype == torch.float16 else None
         self.skipped_steps = 0
+        self.sharded, self.rank = False, 0
+        self._whole = nn.ModuleDict({"model": self.model, **self.extra_modules})   # one tree for state dicts
+
+    # ------------------------------------------------------------------------------------ sharding
+    def shard(self, mesh) -> None:
+        """FSDP2 over `mesh` (a 1-D DeviceMesh of the data-parallel learners; every rank calls it, before the
+        first step): each transformer block is one unit, the rest of the model (embeddings, final norm, head)
+        the root's, each extra module its own. Parameters live as float32 shards (the master weights) and are
+        gathered in the compute dtype (FSDP2's mixed precision; gradients reduce in float32)."""
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+        if self.scaler is not None:
+            raise ValueError("sharded learners run in bfloat16 or float32; float16's loss scaler does not "
+                             "shard: set model.dtype=bfloat16, or learner.parallel=replicate")
+        if self.lora:
+            raise ValueError("LoRA adapters train replicated: set learner.parallel=replicate with lora.rank > 0")
+        if any(self.optimizer.state.values()):
+            raise RuntimeError("TrainEngine.shard() comes before the first step")
+        mp = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
+        for block in transformer_blocks(self.model):
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(self.model, mesh=mesh, mp_policy=mp)
+        for m in self.extra_modules.values():
+            fully_shard(m, mesh=mesh, mp_policy=mp)
+        units = [m for top in (self.model, *self.extra_modules.values()) for m in top.modules()
+                 if isinstance(m, FSDPModule)]
+        for unit in units:
+            unit.set_gradient_divide_factor(1.0)      # sum, not mean: trainers weigh each rank's share
+            unit.set_force_sum_reduction_for_comms(True)    # plain SUM (gloo has no PREMUL_SUM)
+        self.sharded, self.rank = True, mesh.get_local_rank()
+        self.params = [p for top in (self.model, *self.extra_modules.values()) for p in top.parameters()
+                       if p.requires_grad]          # fully_shard replaced them with DTensor shards
+        self.optimizer = torch.optim.AdamW(self.params, **{k: self.optimizer.defaults[k]
+                                                           for k in ("lr", "weight_decay")})
+
+    def held_parameters(self) -> tuple[int, int]:
+        """(parameters this process holds, parameters of the whole model): equal unless sharded."""
+        mine = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in self._whole.parameters())
+        return mine, sum(p.numel() for p in self._whole.parameters())
 
     # ------------------------------------------------------------------------------------ a step
     def autocast(self):
@@ -99,15 +144,19 @@ class TrainEngine:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
 
-    def micro_batches(self, rows: torch.Tensor, length: int) -> list[torch.Tensor]:
+    def micro_batches(self, rows: torch.Tensor, length: int, most: Optional[int] = None) -> list[torch.Tensor]:
         """Split `rows` (1-D) of sequences padded to `length` tokens into consecutive chunks of at most
-        micro_batch_tokens // length rows (at least one); one chunk when there is no budget."""
-        if len(rows) == 0:
-            return []
-        if not self.micro_batch_tokens:
-            return [rows]
-        per_chunk = max(1, self.micro_batch_tokens // max(1, length))
-        return list(rows.split(per_chunk))
+        micro_batch_tokens // length rows (at least one); one chunk when there is no budget.
+
+        most: the largest number of rows any rank holds in this pass. A sharded engine pads the list with
+        empty chunks to the count that many rows would take (at least one), so that every rank runs as many
+        forwards and backwards as the others: the trainer runs an empty chunk on any row, with weight 0."""
+        per_chunk = max(1, self.micro_batch_tokens // max(1, length)) if self.micro_batch_tokens else None
+        chunks = list(rows.split(per_chunk or max(1, len(rows)))) if len(rows) else []
+        if self.sharded and most is not None:
+            needed = max(1, -(-most // per_chunk)) if per_chunk else 1
+            chunks += [rows[:0]] * (needed - len(chunks))
+        return chunks
 
     def backward(self, loss: torch.Tensor, weight: float = 1.0) -> None:
         """Accumulate the gradient of weight * loss (weight: this micro-batch's share of the minibatch)."""
@@ -120,12 +169,12 @@ class TrainEngine:
         """Reduce gradients over the data-parallel group, clip, and step unless the norm is not finite.
         Ranks with no rows still call it: it takes part in the all-reduce. -> {"grad_norm", "skipped"}."""
         group = self.group()
-        if group is not None and group.size > 1:
+        if group is not None and group.size > 1 and not self.sharded:   # sharded: reduce-scattered in backward
             all_reduce_grads(group, self.params)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm if self.max_grad_norm > 0
-                                                    else math.inf))
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm if self.max_grad_norm > 0 else math.inf)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)   # sharded: a DTensor
         skipped = not math.isfinite(norm)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)      # skips by itself on inf/NaN gradients
@@ -143,30 +192,75 @@ class TrainEngine:
         return {name: self.model, **self.extra_modules}
 
     def state(self, name: str) -> tuple[dict, dict]:
-        """({module name: state dict}, {optimizer name: state}) for a checkpoint under `name`. With LoRA the
-        model's entry holds the adapters only: the base is the model folder the run started from."""
-        models = {k: m.state_dict() for k, m in self.modules(name).items()}
+        """({module name: state dict}, {optimizer name: state}) for a checkpoint under `name`. The optimizer
+        state is keyed by parameter name (`torch.distributed.checkpoint.state_dict`'s full state dict), so
+        it loads into a replicated or a sharded engine on any number of learners. Sharded, every rank calls
+        it (the state is gathered) and rank 0 gets it all, the others ({}, {}). With LoRA the model's entry
+        holds the adapters only (the base is the model folder the run started from), and the optimizer's
+        state is torch's own (indexed)."""
         if self.lora:
+            models = {k: m.state_dict() for k, m in self.modules(name).items()}
             models[name] = adapter_state(self.model)
-        optimizers = {name: self.optimizer.state_dict()}
+            optimizers = {name: self.optimizer.state_dict()}
+        else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            whole, optim = get_state_dict(self._whole, self.optimizer,
+                                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if self.rank != 0:
+                return {}, {}
+            models = {k: {} for k in self.modules(name)}
+            for key, value in whole.items():
+                top, rest = key.split(".", 1)
+                models[name if top == "model" else top][rest] = value
+            optimizers = {name: optim}
         if self.scaler is not None:
             optimizers[f"{name}_scaler"] = self.scaler.state_dict()
         return models, optimizers
 
     def load_state(self, name: str, models: dict, optimizers: dict) -> None:
-        for k, m in self.modules(name).items():
-            if self.lora and k == name:
-                load_adapter_state(m, models[k])
-            else:
-                m.load_state_dict(models[k])
-        self.optimizer.load_state_dict(optimizers[name])
+        """Load what `state` gave (every rank gets the full state; a sharded one keeps its shard)."""
+        groups = optimizers[name].get("param_groups") or [{"params": []}]
+        by_name = any(isinstance(p, str) for g in groups for p in g["params"])
+        if self.lora or not by_name:       # LoRA's, or a checkpoint from before name-keyed optimizer state
+            if self.sharded:
+                raise ValueError(f"checkpoint's {name!r} optimizer state is indexed, not named: resume it with "
+                                 "learner.parallel=replicate")
+            for k, m in self.modules(name).items():
+                if self.lora and k == name:
+                    load_adapter_state(m, models[k])
+                else:
+                    m.load_state_dict(models[k])
+            self.optimizer.load_state_dict(optimizers[name])
+        else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            whole = {f"{'model' if k == name else k}.{p}": v for k in self.modules(name) for p, v in models[k].items()}
+            set_state_dict(self._whole, self.optimizer, model_state_dict=whole, optim_state_dict=optimizers[name],
+                           options=StateDictOptions(full_state_dict=True))
         if self.scaler is not None and f"{name}_scaler" in optimizers:
             self.scaler.load_state_dict(optimizers[f"{name}_scaler"])
 
-    def export_state(self, dtype: Optional[str] = None) -> dict[str, torch.Tensor]:
+    def export_spec(self, dtype: Optional[str] = None) -> list[tuple[str, tuple, str]]:
+        """(name, shape, dtype) of what `export_state` gives, without gathering anything."""
+        target = str(DTYPES[dtype] if dtype else self.compute_dtype).removeprefix("torch.")
+        if self.lora:
+            return [(k, tuple(v.shape), target) for k, v in merged_state(self.model).items()]
+        return [(k, tuple(v.shape), target) for k, v in self.model.state_dict().items()]
+
+    def export_state(self, dtype: Optional[str] = None) -> Optional[dict[str, torch.Tensor]]:
         """The model's weights as the generators hold them: detached, cast to `dtype` (default: the
-        compute dtype). Tied weights appear under each of their names, as in `state_dict`."""
+        compute dtype). Tied weights appear under each of their names, as in `state_dict`. Sharded: every
+        rank calls it; tensors are gathered one at a time and only rank 0 keeps them (the others get None)."""
         target = DTYPES[dtype] if dtype else self.compute_dtype
+        if self.sharded:
+            out = {}
+            for k, v in self.model.state_dict().items():
+                full = v.full_tensor() if hasattr(v, "full_tensor") else v
+                if self.rank == 0:
+                    out[k] = full.detach().to(target)
+                del full
+            return out if self.rank == 0 else None
         state = merged_state(self.model) if self.lora else self.model.state_dict()
         return {k: v.detach().to(target) for k, v in state.items()}
 
@@ -177,14 +271,25 @@ class TrainEngine:
             raise RuntimeError("TrainEngine.reference(): only a LoRA engine holds its reference (lora.rank > 0)")
         return self.model.disable_adapter()     # peft's context manager
 
-    def save_hf(self, out_dir: str, tokenizer=None, dtype: Optional[str] = None) -> str:
-        """The model as a Hugging Face folder (weights in `dtype`, default the compute dtype), atomically."""
+    def save_hf(self, out_dir: str, tokenizer=None, dtype: Optional[str] = None) -> Optional[str]:
+        """The model as a Hugging Face folder (weights in `dtype`, default the compute dtype), atomically.
+        Sharded: every rank calls it; rank 0 writes (a fresh model of the same class holds the gathered
+        weights) and the others return None."""
         import copy
 
         from pipeline.checkpoint import save_hf_model
 
         target = DTYPES[dtype] if dtype else self.compute_dtype
-        if self.lora:
+        if self.sharded:
+            state = self.export_state(dtype)
+            if state is None:
+                return None
+            from torch.distributed.fsdp import FSDPModule
+
+            cls = next(c for c in type(self.model).__mro__ if not issubclass(c, FSDPModule))
+            model = cls(self.model.config).to(target)
+            model.load_state_dict(state)
+        elif self.lora:
             model = merged_copy(self.model).to(target)         # a copy already: cast in place
         else:
             model = self.model if target == torch.float32 else copy.deepcopy(self.model).to(target)

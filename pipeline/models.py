@@ -163,6 +163,17 @@ def enable_activation_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a Hugging Face model (its classes named in `_no_split_modules`, e.g.
+    LlamaDecoderLayer), found in any submodule (a ValueModel's backbone): the units sharding gathers."""
+    names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} names no transformer block class (_no_split_modules): "
+                         "it cannot be sharded by block; use learner.parallel=replicate")
+    return blocks
+
+
 def activation_checkpointing_on(model) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 

@@ -46,16 +46,19 @@ def test_rollout_scaling_table_has_a_row_per_worker_count(tiny_task, tmp_path):
 
 
 @pytest.mark.unit
-def test_learner_memory_measures_full_and_lora_in_fresh_processes(tmp_path):
+def test_learner_memory_measures_full_shard_and_lora_in_fresh_processes(tmp_path):
     bench = load_bench("learner_memory")
-    summary = bench.main(["--sizes", "3M", "--batch", "1", "--seq", "16", "--steps", "1", "--lora-rank", "4",
+    summary = bench.main(["--sizes", "3M", "--batch", "2", "--seq", "16", "--steps", "1", "--lora-rank", "4",
                           "--out", str(tmp_path)])
-    full, lora = summary["rows"]
-    assert (full["mode"], lora["mode"]) == ("full", "lora") and "error" not in full and "error" not in lora
+    full, shard, lora = summary["rows"]
+    assert [r["mode"] for r in summary["rows"]] == ["full", "shard", "lora"]
+    assert not [r["error"] for r in summary["rows"] if "error" in r]
+    assert shard["ranks"] == 2 and shard["parameters"] == full["parameters"]
+    assert shard["optimizer_gib"] == pytest.approx(full["optimizer_gib"] / 2, rel=0.05)   # each rank: its half
     assert 2.5e6 < full["parameters"] < 4e6 and full["trainable"] == full["parameters"]
     assert 0 < lora["trainable"] < 0.1 * full["trainable"]                 # only the adapters train
     assert lora["optimizer_gib"] < 0.1 * full["optimizer_gib"]             # AdamW holds two moments of each
     assert full["optimizer_gib"] == pytest.approx(2 * 4 * full["parameters"] / 2**30, rel=0.01)
     assert full["peak_rss_gib"] >= full["rss_before_model_gib"] > 0     # the peak may be the imports' own
     table = (tmp_path / "learner_memory.md").read_text()
-    assert "| 3M | full |" in table and "| 3M | lora |" in table
+    assert "| 3M | full | 1 |" in table and "| 3M | shard | 2 |" in table and "| 3M | lora | 1 |" in table

@@ -10,7 +10,10 @@ Data parallel: K learners (ranks) each hold the whole batch and walk the same mi
 its slice of every minibatch, splits it into micro-batches (`learner.micro_batch_tokens`) and weighs each
 micro-batch's loss by its share of the whole minibatch (`shard_weight`). The engines sum the gradients over
 the "learners" group before clipping and stepping, so K ranks take exactly the step one learner takes on
-the whole minibatch in one pass, and stay identical.
+the whole minibatch in one pass, and stay identical. With learner.parallel=shard the engines shard the
+models over that group (FSDP2) once the learner joins it; then every verb is collective: rollout forwards
+split the rows over the ranks (the caller concatenates), and exports, checkpoints and the final model are
+gathered to rank 0, whose answer is the one to keep (the other ranks answer None or empty state).
 """
 from __future__ import annotations
 
@@ -24,8 +27,8 @@ from pipeline.algorithms.advantages import ADVANTAGE_ESTIMATORS
 from pipeline.algorithms.core import (aggregate_loss, clipped_policy_loss, clipped_value_loss, kl_penalty,
                                       masked_mean, shard_weight, truncated_importance_weights)
 from pipeline.batch import Rollout, TrainBatch
-from pipeline.collective import DP_GROUP, SYNC_GROUP, GroupMember, send_weights, weights_spec
-from pipeline.config import RunConfig
+from pipeline.collective import DP_GROUP, SYNC_GROUP, GroupMember, send_weights
+from pipeline.config import RunConfig, learners_sharded
 from pipeline.engine import TrainEngine, lr_factor
 from pipeline.models import (ValueModel, completion_forward, left_padded_positions, load_causal_lm,
                              new_value_head, values_from_hidden)
@@ -63,6 +66,25 @@ class PolicyLearner(GroupMember):
                            micro_batch_tokens=lc.micro_batch_tokens, extra_modules=extra,
                            group=lambda: self.group(DP_GROUP), lora=lora)
 
+    def join_group(self, name: str, host: str, port: int, rank: int, size: int, backend: str = "gloo",
+                   timeout_s: float = 60.0, world: bool = False) -> None:
+        """As GroupMember's; joining the learners' group of a sharded run also shards the engines over it."""
+        shard = name == DP_GROUP and learners_sharded(self.cfg)
+        super().join_group(name, host, port, rank, size, backend, timeout_s, world=world or shard)
+        if shard:
+            mesh = self.group(DP_GROUP).mesh(torch.device(self.device).type)
+            for engine in (self.policy, self.critic):
+                if engine is not None:
+                    engine.shard(mesh)
+
+    def held_parameters(self) -> dict[str, tuple[int, int]]:
+        """{engine: (parameters this rank holds, of the whole model)}."""
+        return {name: e.held_parameters() for name, e in (("policy", self.policy), ("critic", self.critic)) if e}
+
+    @property
+    def sharded(self) -> bool:
+        return self.policy.sharded
+
     # ------------------------------------------------------------------------------------------ forwards
     def _forward(self, r: Rollout, rows: torch.Tensor, **want) -> dict:
         d = self.device
@@ -84,26 +106,39 @@ class PolicyLearner(GroupMember):
         """What the learner knows of a fresh rollout, before any update: {"values": (N, T) rollout-time critic
         values or None when the estimator needs no critic, "old_logprobs": (N, T) log pi_old from this
         learner's own forward, or None unless asked, "ref_logprobs": (N, T) log pi_ref from the policy's
-        base with its LoRA adapters off, or None unless asked}. Micro-batched like the update."""
+        base with its LoRA adapters off, or None unless asked}. Micro-batched like the update.
+        Sharded: every rank computes its consecutive slice of the rows (concatenated in rank order, they are
+        the whole); a rank's padding passes compute row 0 and drop it."""
         need_policy = old_logprobs or self.value_head is not None
         values, logprobs, ref = [], [], []
         length = r.prompt_ids.shape[1] + r.completion_ids.shape[1]
-        for rows in self.policy.micro_batches(torch.arange(len(r.prompts)), length):
+        every = torch.arange(len(r.prompts))
+        mine = every.tensor_split(self.world_size)[self.rank] if self.sharded else every
+        for rows in self.policy.micro_batches(mine, length, most=-(-len(every) // self.world_size)):
+            keep = len(rows) > 0
+            rows = rows if keep else every[:1]
             if need_policy:
                 with self.policy.autocast():
                     out = self._forward(r, rows, want_hidden=self.value_head is not None)
-                logprobs.append(out["logprobs"].float().cpu())
+                if keep:
+                    logprobs.append(out["logprobs"].float().cpu())
                 if self.value_head is not None:
-                    values.append(values_from_hidden(self.value_head, out["hidden"]).cpu())
+                    v = values_from_hidden(self.value_head, out["hidden"]).cpu()
+                    values += [v] if keep else []
             if ref_logprobs:
                 with self.policy.reference(), self.policy.autocast():
-                    ref.append(self._forward(r, rows)["logprobs"].float().cpu())
+                    lp = self._forward(r, rows)["logprobs"].float().cpu()
+                ref += [lp] if keep else []
             if self.critic is not None:
                 with self.critic.autocast():
-                    values.append(self._critic_values(r, rows).float().cpu())
-        return {"values": torch.cat(values) if values else None,
-                "old_logprobs": torch.cat(logprobs) if old_logprobs and logprobs else None,
-                "ref_logprobs": torch.cat(ref) if ref else None}
+                    v = self._critic_values(r, rows).float().cpu()
+                values += [v] if keep else []
+        T = r.completion_ids.shape[1]
+        none = torch.zeros(0, T)         # a sharded rank with no rows of its own
+        wants_values = self.value_head is not None or self.critic is not None
+        return {"values": (torch.cat(values) if values else none) if wants_values else None,
+                "old_logprobs": (torch.cat(logprobs) if logprobs else none) if old_logprobs else None,
+                "ref_logprobs": (torch.cat(ref) if ref else none) if ref_logprobs else None}
 
     # ------------------------------------------------------------------------------------------ update
     def update(self, batch: TrainBatch) -> dict[str, float]:
@@ -121,8 +156,7 @@ class PolicyLearner(GroupMember):
         minibatches = 0
         for _ in range(lc.epochs):
             for full in torch.randperm(n, generator=gen).split(lc.minibatch_size):   # same order on every rank
-                rows = full.tensor_split(self.world_size)[self.rank]
-                for k, v in self._minibatch(batch, rows, mask[full]).items():
+                for k, v in self._minibatch(batch, full).items():
                     sums[k] += v
                 minibatches += 1
         self.version += 1
@@ -148,11 +182,12 @@ class PolicyLearner(GroupMember):
             names += ["value/grad_norm", "value/mean"]
         return names
 
-    def _minibatch(self, batch: TrainBatch, rows: torch.Tensor, full_mask: torch.Tensor) -> dict[str, float]:
-        """One optimizer step (per engine) on this rank's `rows` of a minibatch whose masks are `full_mask`.
+    def _minibatch(self, batch: TrainBatch, full: torch.Tensor) -> dict[str, float]:
+        """One optimizer step (per engine) on this rank's share of the minibatch `full` (row indices).
         Figures come weighted by this rank's share of the minibatch."""
         r, agg = batch.rollout, self.cfg.algorithm.loss_agg
-        length = r.prompt_ids.shape[1] + r.completion_ids.shape[1]
+        rows, full_mask = full.tensor_split(self.world_size)[self.rank], r.completion_mask[full]
+        length, most = r.prompt_ids.shape[1] + r.completion_ids.shape[1], -(-len(full) // self.world_size)
         share = shard_weight(r.completion_mask[rows], full_mask, agg) if len(rows) else 0.0
         stats: dict[str, float] = {}
 
@@ -160,14 +195,15 @@ class PolicyLearner(GroupMember):
             for k, v in figures.items():
                 stats[k] = stats.get(k, 0.0) + weight * v
 
-        for part in self.policy.micro_batches(rows, length):
-            weight = shard_weight(r.completion_mask[part], full_mask, agg)
-            add(self._policy_loss(batch, part, weight), weight)
+        def passes(engine, loss):       # a sharded rank's padding pass: any row, weight 0
+            for part in engine.micro_batches(rows, length, most):
+                weight = shard_weight(r.completion_mask[part], full_mask, agg) if len(part) else 0.0
+                add(loss(batch, part if len(part) else full[:1], weight), weight)
+
+        passes(self.policy, self._policy_loss)
         add({"optim/grad_norm": self.policy.step()["grad_norm"]}, share)    # an empty rank joins the all-reduce
         if self.critic is not None:
-            for part in self.critic.micro_batches(rows, length):
-                weight = shard_weight(r.completion_mask[part], full_mask, agg)
-                add(self._value_loss(batch, part, weight), weight)
+            passes(self.critic, self._value_loss)
             add({"value/grad_norm": self.critic.step()["grad_norm"]}, share)
         return stats
 
@@ -221,28 +257,34 @@ class PolicyLearner(GroupMember):
                 "value/mean": masked_mean(v.detach(), mask).item()}
 
     # ------------------------------------------------------------------------------------------ weights
-    def _generator_state(self) -> dict[str, torch.Tensor]:
-        """The policy as the generators hold it: cast to model.dtype (what the checksum is computed on)."""
+    def _generator_state(self) -> dict[str, torch.Tensor] | None:
+        """The policy as the generators hold it: cast to model.dtype (what the checksum is computed on).
+        Sharded: gathered by every rank, kept by rank 0; None on the others."""
         return self.policy.export_state(self.cfg.model.dtype)
 
-    def export_weights(self) -> WeightsPacket:
-        return pack_weights(self._generator_state(), self.version)
+    def export_weights(self) -> WeightsPacket | None:
+        state = self._generator_state()
+        return None if state is None else pack_weights(state, self.version)
 
     def weights_spec(self) -> list[tuple[str, tuple, str]]:
-        return weights_spec(self._generator_state())
+        return self.policy.export_spec(self.cfg.model.dtype)
 
-    def broadcast_weights(self) -> dict:
+    def broadcast_weights(self) -> dict | None:
         """Send the policy to the generators over the "weights" group (rank 0 of it). -> version, checksum,
-        bytes, seconds spent casting, checksumming and sending."""
+        bytes, seconds spent gathering, casting, checksumming and sending. Sharded: every rank calls it (to
+        gather); the others return None."""
         start = time.perf_counter()
         state = self._generator_state()
+        if state is None:
+            return None
         checksum = state_checksum(state)
         sent = send_weights(self.group(SYNC_GROUP), state, self.version, checksum)
         return {"version": self.version, "checksum": checksum, "bytes": sent,
                 "seconds": time.perf_counter() - start}
 
-    def checksum(self) -> str:
-        return state_checksum(self._generator_state())
+    def checksum(self) -> str | None:
+        state = self._generator_state()
+        return None if state is None else state_checksum(state)
 
     def state(self) -> tuple[dict, dict]:
         """(models, optimizers) state dicts for a checkpoint."""
@@ -259,13 +301,14 @@ class PolicyLearner(GroupMember):
             self.critic.load_state("critic", models, optimizers)
         self.version = version
 
-    def hf_files(self) -> dict[str, bytes]:
+    def hf_files(self) -> dict[str, bytes] | None:
         """The policy as a Hugging Face folder's files (weights in model.dtype), to be written where the
-        driver runs."""
+        driver runs. Sharded: every rank calls it (to gather); the others return None."""
         import tempfile
 
         from pipeline.checkpoint import read_folder
         from pipeline.models import load_tokenizer
 
         with tempfile.TemporaryDirectory() as tmp:
-            return read_folder(self.policy.save_hf(os.path.join(tmp, "model"), load_tokenizer(self.cfg.model.path)))
+            folder = self.policy.save_hf(os.path.join(tmp, "model"), load_tokenizer(self.cfg.model.path))
+            return None if folder is None else read_folder(folder)

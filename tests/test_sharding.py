@@ -1,0 +1,170 @@
+"""FSDP2-sharded learners (learner.parallel=shard): K ranks holding 1/K of the model each take the step one
+unsharded learner takes, answer the same rollout forwards and export the same weights; checkpoints resume on
+a different number of learners."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import ray
+import torch
+
+from tests.test_collective import _initial_policy_state, _scored_batch
+
+
+def _cfg(tiny_task, tmp_path, preset, k, *extra):
+    from pipeline.config import load_config
+
+    return load_config(preset, [
+        f"model.path={tiny_task['model']}", f"data.train_path={tiny_task['data']['train']}",
+        "rollout.prompts_per_step=6", "rollout.samples_per_prompt=3", "rollout.max_new_tokens=4",
+        "learner.minibatch_size=8", "learner.epochs=2", "learner.lr=1e-2", "learner.critic_lr=1e-2",
+        "learner.max_grad_norm=0.5", "learner.warmup_steps=0", "algorithm.kl_coef=0", f"resources.learners={k}",
+        "learner.parallel=shard", f"train.output_dir={tmp_path}", *extra])
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("preset,k,updates,extra", [
+    ("grpo", 2, 3, ["algorithm.loss_agg=token-mean"]),                      # 3 updates of 2 epochs x 3 minibatches
+    ("ppo", 2, 3, ["algorithm.loss_agg=seq-mean-token-mean"]),              # separate critic, sharded too
+    # 18 sequences in minibatches of 8, 8, 2 over 3 ranks, 2 rows per pass: ranks run padding passes. One
+    # update (3 optimizer steps) at lr 1e-3: at 1e-2 AdamW magnifies the float order of the sums on
+    # near-zero gradients past 1e-5, for 3 replicated learners as for sharded ones.
+    ("grpo", 3, 1, ["learner.micro_batch_tokens=20", "model.critic=shared", "algorithm.name=gae",
+                    "learner.epochs=1", "learner.lr=1e-3"]),
+])
+def test_k_sharded_learners_update_exactly_like_one(tiny_task, ray_local, tmp_path, preset, k, updates, extra):
+    from actors.learner_group import LearnerGroup
+    from actors.pools import connect_group
+    from actors.shells import Learner
+    from pipeline.collective import DP_GROUP
+    from pipeline.weights import state_checksum
+
+    cfg = _cfg(tiny_task, tmp_path, preset, k, *extra)
+    single, batch = _scored_batch(cfg)
+    learners = [Learner.options(num_cpus=0.5).remote(cfg, 1, rank, k) for rank in range(k)]
+    group = LearnerGroup(learners, sharded=True)
+    try:
+        connect_group(DP_GROUP, learners, "gloo", timeout_s=60)
+        held = ray.get(learners[0].held_parameters.remote())
+        forward = ray.get(group.submit_rollout_forward(batch.rollout, True))
+        want_forward = single.rollout_forward(batch.rollout, True)
+        for version in range(updates):
+            batch.rollout.policy_version = version            # the same batch, as if sampled afresh
+            got = group.update(batch)
+            want = single.update(batch)
+        models, _ = group.state()
+        checksums = group.checksums()
+        files = group.hf_files()
+    finally:
+        for learner in learners:
+            ray.kill(learner)
+    assert held["policy"][0] < 0.6 * held["policy"][1]                # each rank holds about 1/K of it
+    for key in ("values", "old_logprobs"):
+        if want_forward[key] is not None:
+            torch.testing.assert_close(forward[key], want_forward[key], rtol=1e-5, atol=1e-6, msg=key)
+    for key in ("policy/loss", "policy/entropy", "optim/grad_norm"):
+        assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+    reference, _ = single.state()
+    assert set(models) == set(reference)
+    for section, params in reference.items():
+        assert set(models[section]) == set(params), section
+        for name, value in params.items():
+            torch.testing.assert_close(models[section][name], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    initial = _initial_policy_state(cfg)
+    assert max((reference["policy"][n] - initial[n]).abs().max().item() for n in initial) > 1e-3
+    assert checksums == [state_checksum(models["policy"])]           # one policy, gathered on rank 0
+    assert "model.safetensors" in files
+
+
+@pytest.mark.ray
+def test_sharded_checkpoint_resumes_on_another_number_of_learners(tiny_task, ray_local, tmp_path):
+    """A checkpoint of K=2 sharded learners loads into K=3 sharded learners and into one unsharded learner,
+    and each then takes the same next step."""
+    from actors.learner_group import LearnerGroup
+    from actors.pools import connect_group
+    from actors.shells import Learner
+    from pipeline.collective import DP_GROUP
+    from pipeline.trainers.ppo import PolicyLearner
+
+    cfg2 = _cfg(tiny_task, tmp_path, "ppo", 2)
+    _, batch = _scored_batch(cfg2)
+
+    def start(k):
+        cfg = _cfg(tiny_task, tmp_path, "ppo", k)
+        learners = [Learner.options(num_cpus=0.5).remote(cfg, 1, rank, k) for rank in range(k)]
+        connect_group(DP_GROUP, learners, "gloo", timeout_s=60)
+        return learners, LearnerGroup(learners, sharded=True)
+
+    learners, group = start(2)
+    try:
+        group.update(batch)
+        models, optimizers = group.state()
+    finally:
+        for learner in learners:
+            ray.kill(learner)
+    batch.rollout.policy_version = 1
+    single = PolicyLearner(_cfg(tiny_task, tmp_path, "ppo", 1))
+    single.load_state(*copy.deepcopy((models, optimizers)), version=1)   # in one process, loading shares tensors
+    want = single.update(batch)
+    learners, group = start(3)
+    try:
+        group.load_state(models, optimizers, version=1)
+        got = group.update(batch)
+        after, _ = group.state()
+    finally:
+        for learner in learners:
+            ray.kill(learner)
+    for key in ("policy/loss", "value/loss", "optim/grad_norm"):
+        assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+    reference, _ = single.state()
+    for section, params in reference.items():
+        for name, value in params.items():
+            torch.testing.assert_close(after[section][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_sharding_refuses_what_it_cannot_do(tiny_task, tmp_path):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.dtype=bfloat16"):
+        _cfg(tiny_task, tmp_path, "grpo", 2, "model.dtype=float16")
+    with pytest.raises(ConfigError, match="learner.parallel=replicate"):
+        _cfg(tiny_task, tmp_path, "grpo", 2, "lora.rank=4")
+
+
+@pytest.mark.slow
+def test_sharded_run_killed_and_resumed_on_one_learner_continues_its_curve(tiny_task, tmp_path):
+    """`rlpipe train` on 2 sharded learners, crashed after step 3 (checkpoint at 2), resumed with
+    resources.learners=1: steps 1..5 logged once each, and the resumed steps' losses are those of the same run
+    left uninterrupted on 2 sharded learners."""
+    import mlflow
+
+    from actors.cli import main
+    from actors.run import run_training
+    from pipeline.config import load_config
+    from tests.test_train_e2e import Crash, run_args
+
+    def args(out):
+        return run_args(tiny_task, out, "train.steps=5", "train.eval_every=5", "checkpoint.every=2",
+                        "resources.learners=2", "learner.parallel=shard", "learner.lr=1e-3")
+
+    def curve(out, metric="policy/loss"):
+        client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
+        (run,) = client.search_runs([client.get_experiment_by_name("rlpipe").experiment_id])
+        return run, {m.step: m.value for m in client.get_metric_history(run.info.run_id, metric)}
+
+    def crash_at_3(step, metrics, trainer):
+        if step == 3:
+            raise Crash("simulated failure after the step-2 checkpoint")
+
+    whole = tmp_path / "whole"
+    run_training(load_config("grpo", args(whole)))
+    out = tmp_path / "resumed"
+    with pytest.raises(Crash):
+        run_training(load_config("grpo", args(out)), on_step=crash_at_3)
+    assert main(["train", "--resume", str(out), "resources.learners=1"]) == 0
+    run, losses = curve(out)
+    _, want = curve(whole)
+    assert sorted(losses) == [1, 2, 3, 4, 5] and run.info.status == "FINISHED"
+    for step in range(1, 6):
+        assert losses[step] == pytest.approx(want[step], rel=1e-3, abs=1e-5), (step, losses, want)
