@@ -58,7 +58,9 @@ class WeightSync:
                 sent, checksums = self._broadcast(target)
                 self.version = target
                 check_same(checksums + [sent["checksum"]], target)
-                return {**stats, "sync/collective": 1.0, "sync/bytes": float(sent["bytes"])}
+                return {**stats, "sync/collective": 1.0, "sync/bytes": float(sent["bytes"]),
+                        # rank 0's seconds to gather (sharded), cast, checksum and send, per GiB sent
+                        "sync/s_per_gib": sent["seconds"] / max(sent["bytes"] / 2**30, 1e-12)}
             except (RayActorError, RayTaskError, ActorLost) as err:
                 self.group_ok = False
                 self.fallbacks += 1

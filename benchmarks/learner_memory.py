@@ -117,10 +117,15 @@ def run_child(size: str, mode: str, args) -> dict:
     """One measurement in fresh processes: one, or --shards ranks for shard (the row keeps the largest peak)."""
     world = args.shards if mode == "shard" else 1
     port = free_port()
+    # Allocations of 64 KiB and more are mapped pages that go back to the system when freed, so the peak is
+    # what the process held, not what glibc kept cached (its default keeps freed blocks up to 32 MiB in the
+    # heap: the whole model a sharded rank built before sharding it would stay counted).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536")}
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", size, mode,
                                "--lora-rank", str(args.lora_rank), "--batch", str(args.batch), "--seq", str(args.seq),
                                "--steps", str(args.steps), "--rank", str(rank), "--shards", str(world),
-                               "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env)
              for rank in range(world)]
     done = [(p, *p.communicate()) for p in procs]
     failed = [err for p, _, err in done if p.returncode != 0]

@@ -33,6 +33,7 @@ A trainer never touches parameters, gradients or the optimizer directly.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 from typing import Callable, Optional
 
@@ -123,6 +124,7 @@ class TrainEngine:
             unit.set_gradient_divide_factor(1.0)      # sum, not mean: trainers weigh each rank's share
             unit.set_force_sum_reduction_for_comms(True)    # plain SUM (gloo has no PREMUL_SUM)
         self.sharded, self.rank = True, mesh.get_local_rank()
+        gc.collect()                                 # the whole unsharded weights go now, not at some later sweep
         self.params = [p for top in (self.model, *self.extra_modules.values()) for p in top.parameters()
                        if p.requires_grad]          # fully_shard replaced them with DTensor shards
         self.optimizer = torch.optim.AdamW(self.params, **{k: self.optimizer.defaults[k]
