@@ -40,17 +40,37 @@ class ActorLost(RuntimeError):
     """An actor did not come back: the shard could not be completed within the time limit."""
 
 
+@dataclass
+class Submitted:
+    """Shard calls in flight (`submit`), to be collected later (`collect`)."""
+    calls: list
+    refs: list
+    probes: list
+
+
+def submit(calls: list[ShardCall]) -> Submitted:
+    """Send the calls now; their results are collected (and lost shards resent) by `collect`."""
+    refs = [getattr(c.actor, c.method).remote(*c.args) for c in calls]
+    probes = [_probe(c.actor) for c in calls]       # queued behind each call: the process that ran it
+    return Submitted(calls, refs, probes)
+
+
 def gather(calls: list[ShardCall], restore: Optional[Callable[[Any], None]] = None,
            timeout_s: float = 120.0) -> tuple[list, int]:
-    """Results of all calls, in order, and how many calls had to be resent.
+    """Results of all calls, in order, and how many calls had to be resent (`collect` of `submit`)."""
+    return collect(submit(calls), restore, timeout_s)
+
+
+def collect(submitted: Submitted, restore: Optional[Callable[[Any], None]] = None,
+            timeout_s: float = 120.0) -> tuple[list, int]:
+    """Results of submitted calls, in order, and how many calls had to be resent.
 
     A call whose actor died, or whose result came from a process restarted since we last confirmed its
     state, is resent (after `restore`) until `timeout_s` has passed; while Ray reports the actor as
     restarting, the resend waits with a growing back-off. A call that failed because one of its inputs
     died with another actor (weights exported by a lost learner) raises at once: resending cannot help.
     """
-    refs = [getattr(c.actor, c.method).remote(*c.args) for c in calls]
-    probes = [_probe(c.actor) for c in calls]       # queued behind each call: the process that ran it
+    calls, refs, probes = submitted.calls, submitted.refs, submitted.probes
     try:
         got = ray.get(refs + probes)                # the common case: one gather, nothing died
         results, ran_in = got[:len(calls)], got[len(calls):]

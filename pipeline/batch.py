@@ -62,16 +62,20 @@ class TrainBatch:
                           score_failed=self.score_failed[rows])
 
 
-def concat_rollouts(parts: list[Rollout]) -> Rollout:
+def concat_rollouts(parts: list[Rollout], mixed_versions: bool = False) -> Rollout:
     """Join generator shards into one step rollout, ordered by `sample_index`, padding P and T.
 
     Prompts are left-padded, so a narrower shard gets padding added on the left; completions are
     right-padded, so padding goes on the right. Pad ids are 0 here: masked positions are never read.
+    mixed_versions: shards may come from different policy versions (asynchronous rollouts, where a
+    restarted generator regenerates its shard with newer weights); the rollout then carries the oldest.
+    A shard holds whole groups, so a group never mixes versions; each sample's log-probs are its own
+    sampler's.
     """
     if not parts:
         raise ValueError("no rollout shards to join")
     versions = {p.policy_version for p in parts}
-    if len(versions) != 1:
+    if len(versions) != 1 and not mixed_versions:
         raise RuntimeError(f"rollout shards come from different policy versions {sorted(versions)}")
     P = max(p.prompt_ids.shape[1] for p in parts)
     T = max(p.completion_ids.shape[1] for p in parts)
@@ -93,7 +97,7 @@ def concat_rollouts(parts: list[Rollout]) -> Rollout:
         logprobs=torch.cat([pad(p.logprobs, T, left=False, value=0.0) for p in parts]),
         group_ids=torch.cat([p.group_ids for p in parts]),
         sample_index=torch.cat([p.sample_index for p in parts]),
-        policy_version=parts[0].policy_version,
+        policy_version=min(versions),
     )
     order = torch.argsort(joined.sample_index)
     return select_rollout(joined, order)

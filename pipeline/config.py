@@ -86,6 +86,11 @@ class RolloutConfig:
     backend: str = F("hf", "Generation backend by registered name: `hf` = transformers generate; `vllm` = vLLM's "
                      "engine in each generator (options in the `vllm` section; install the extra, README).")
     eval_max_new_tokens: Optional[int] = F(None, "Greedy eval completion cap; null = max_new_tokens.")
+    max_staleness: int = F(0, "Asynchronous rollouts: generators sample up to this many steps ahead of the "
+                           "learners, so a trained sample may come from a policy this many versions old. 0 = the "
+                           "synchronous loop (generation waits for each update). Above 0, pi_old is the learner's "
+                           "own forward at training time and each token is reweighted by pi_old / pi_behaviour "
+                           "truncated at algorithm.tis_cap (required).", lo=0)
 
 
 @dataclass
@@ -438,6 +443,12 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError("algorithm.kl_estimator: k1 as a loss term has zero expected gradient (E[grad log pi] = 0), "
                           "so it would not regularise anything; in the loss use k2 (gradient of KL(pi||ref)), k3 or "
                           "k3+, or set algorithm.kl_in_reward=true to use k1 in the reward")
+    if cfg.rollout.max_staleness and a.old_logprobs == "sampler":
+        raise ConfigError("algorithm.old_logprobs: sampler with rollout.max_staleness > 0 would clip against the "
+                          "stale policy that sampled; use learner (or auto)")
+    if cfg.rollout.max_staleness and a.tis_cap is None:
+        raise ConfigError("algorithm.tis_cap: asynchronous rollouts (rollout.max_staleness > 0) train on samples "
+                          "from older policies; set the truncation of pi_old / pi_behaviour, e.g. tis_cap=2.0")
     if a.tis_cap is not None and not learner_old_logprobs(cfg):
         raise ConfigError("algorithm.tis_cap: importance weights pi_old / pi_sampler are 1 when pi_old is the "
                           "sampler's own log-probs; set algorithm.old_logprobs=learner, or tis_cap=null")
@@ -477,7 +488,8 @@ def _check_reward_model_entry(i: int, entry: Any) -> None:
 def learner_old_logprobs(cfg: RunConfig) -> bool:
     """Whether pi_old comes from a learner forward (True) or from the sampler (`algorithm.old_logprobs`)."""
     mode = cfg.algorithm.old_logprobs
-    return mode == "learner" or (mode == "auto" and (cfg.model.dtype != "float32" or cfg.rollout.backend != "hf"))
+    return mode == "learner" or (mode == "auto" and (cfg.model.dtype != "float32" or cfg.rollout.backend != "hf"
+                                                     or cfg.rollout.max_staleness > 0))
 
 
 def learner_reference(cfg: RunConfig) -> bool:

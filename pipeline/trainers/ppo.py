@@ -144,9 +144,10 @@ class PolicyLearner(GroupMember):
     def update(self, batch: TrainBatch) -> dict[str, float]:
         """Epochs x minibatches of clipped policy (and value) updates. Returns mean metrics."""
         lc, r = self.cfg.learner, batch.rollout
-        if r.policy_version != self.version:
-            raise RuntimeError(f"rollout from policy version {r.policy_version}, learner is at {self.version}: "
-                               "a stale rollout in synchronous mode means weights were not synced")
+        bound = self.cfg.rollout.max_staleness
+        if not 0 <= self.version - r.policy_version <= bound:
+            raise RuntimeError(f"rollout from policy version {r.policy_version}, learner is at {self.version}: more "
+                               f"than rollout.max_staleness={bound} versions apart means weights were not synced")
         lr = lc.lr * lr_factor(self.version, lc.warmup_steps)
         self.policy.set_lr(lr)
         n, mask = batch.num_sequences, r.completion_mask
