@@ -62,3 +62,21 @@ def test_learner_memory_measures_full_shard_and_lora_in_fresh_processes(tmp_path
     assert full["peak_rss_gib"] >= full["rss_before_model_gib"] > 0     # the peak may be the imports' own
     table = (tmp_path / "learner_memory.md").read_text()
     assert "| 3M | full | 1 |" in table and "| 3M | shard | 2 |" in table and "| 3M | lora | 1 |" in table
+
+
+@pytest.mark.slow
+def test_async_overlap_runs_each_mode_and_reports_its_staleness(tiny_task, tmp_path):
+    bench = load_bench("async_overlap")
+    warm = tmp_path / "demo"
+    (warm / "data").mkdir(parents=True)
+    os.symlink(tiny_task["model"], warm / "warm")
+    for split in ("train", "eval"):
+        os.symlink(tiny_task["data"][split], warm / "data" / f"{split}.parquet")
+    summary = bench.main(["--warm", str(warm), "--minutes", "0.25", "--staleness", "0,1", "--eval-every-s", "5",
+                          "--eval-size", "20", "--out", str(tmp_path / "out")])
+    sync, stale = summary["rows"]
+    assert (sync["max_staleness_seen"], stale["max_staleness_seen"]) == (0, 1)
+    assert sync["steps"] > 1 and stale["steps"] > 1 and sync["eval_curve"] and stale["eval_curve"]
+    table = (tmp_path / "out" / "async_overlap.md").read_text()
+    assert "| synchronous | 1 |" in table and "| async, staleness 1 | 1 |" in table
+    assert (tmp_path / "out" / "async_overlap.png").stat().st_size > 10_000
