@@ -103,7 +103,8 @@ class Trainer:
         while len(self.in_flight) < depth:
             before = self.sampler.state_dict()           # a checkpoint resumes from the oldest batch in flight
             rows = self.sampler.next_batch()
-            self.in_flight.append((rows, before, submit(self.generation_calls(rows, self.step_count + len(self.in_flight)))))
+            calls = self.generation_calls(rows, self.step_count + len(self.in_flight))
+            self.in_flight.append((rows, before, submit(calls)))
 
     def next_rollout(self) -> tuple[list[dict], Rollout]:
         """The oldest batch in flight, collected (shards of a generator that died are regenerated)."""
@@ -120,7 +121,8 @@ class Trainer:
 
     def generate(self, rows: list[dict]) -> Rollout:
         """G completions of each row now, by the generators' current weights (outside the step's pipeline)."""
-        return concat_rollouts(self._gather(self.generation_calls(rows, self.step_count), self.weights.restore_generator))
+        calls = self.generation_calls(rows, self.step_count)
+        return concat_rollouts(self._gather(calls, self.weights.restore_generator))
 
     def generation_calls(self, rows: list[dict], step: int) -> list[ShardCall]:
         """G completions of each row, rows sharded over the generators; `step` seeds the sampling."""
@@ -237,7 +239,9 @@ class Trainer:
         step_s = sum(seconds.values())
         m = {
             "completion/length": mask.sum(1).float().mean().item(),
-            "throughput/tokens_per_s": int(mask.sum()) / max(seconds["generate"], 1e-9),
+            # asynchronous: generation overlaps the step, so its tokens count against the step's seconds
+            "throughput/tokens_per_s": int(mask.sum()) / max(seconds["generate"] if not self.cfg.rollout.max_staleness
+                                                             else step_s, 1e-9),
             "throughput/samples_per_s": len(rollout.prompts) / max(step_s, 1e-9),
             "time/step_s": step_s, "policy/version": self.version, "fault/resent_shards": self.resent_shards,
         }

@@ -1,8 +1,10 @@
-"""Synchronous against asynchronous rollouts (rollout.max_staleness = 1, 2) on the demo task, side by side.
+"""Synchronous against asynchronous rollouts (rollout.max_staleness = 1, 2) on the demo task.
 
 Each mode trains the demo's GRPO preset from the same warm start for the same wall time, the generator and
 the learner on separate CPU shares (one core each, one torch thread each), through the real `rlpipe train`
-loop. Reported per mode: steps, samples/s over the training steps (evaluation excluded), median step time,
+loop. pi_old is recomputed by the learner, with importance weights truncated at --tis-cap, in every mode
+(asynchronous training needs it); "0-sampler" adds the synchronous loop as the preset runs it, with the
+sampler's log-probs as pi_old and no recompute. Reported per mode: steps, samples/s over the training steps (evaluation excluded), median step time,
 held-out exact match against the run's seconds (evaluated about every --eval-every-s seconds; the run's
 clock, and its budget, include the evaluations, alike for every mode) and its best.
 Modes run one after another, in the order given, --repeats times in rotation, so a slow spell of the
@@ -25,10 +27,18 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+NAMES = {"0": "synchronous", "0-sampler": "synchronous, pi_old from the sampler"}
 
-def run_mode(staleness: int, args) -> dict:
+
+def run_mode(mode: str, args) -> dict:
+    """mode: a staleness ("0", "1", ...), pi_old recomputed by the learner with truncated importance weights
+    in every one; or "0-sampler", the synchronous loop as the preset runs it (pi_old = the sampler's)."""
     from actors.run import run_training
     from pipeline.config import load_config
+
+    staleness = int(mode.split("-")[0])
+    pi_old = ["algorithm.old_logprobs=auto"] if mode.endswith("-sampler") else \
+        [f"algorithm.tis_cap={args.tis_cap}", "algorithm.old_logprobs=learner"]
 
     out = tempfile.mkdtemp(prefix=f"rlpipe-async{staleness}-")
     cfg = load_config("grpo", [
@@ -38,13 +48,13 @@ def run_mode(staleness: int, args) -> dict:
         "train.eval_every=100000", "checkpoint.every=0", "train.log_samples_every=0", "tracking.plot=false",
         f"train.output_dir={out}/run", "resources.num_cpus=3", "resources.cpus_per_rollout_worker=1",
         "resources.cpus_per_learner=1", "resources.cpus_per_reward_scorer=0.5", "resources.torch_threads=1",
-        f"rollout.max_staleness={staleness}", f"algorithm.tis_cap={args.tis_cap}", "algorithm.old_logprobs=learner"])
+        f"rollout.max_staleness={staleness}", *pi_old])
     steps: list[dict] = []
     summary = run_training(cfg, on_step=lambda step, m, trainer: steps.append(m), log=lambda *a: None)
     samples = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
     train_s = sum(m["time/step_s"] for m in steps)
     curve = [(round(s, 1), acc) for s, acc in summary["accuracy_curve_s"]]
-    return {"staleness": staleness, "steps": len(steps), "train_s": train_s,
+    return {"mode": mode, "staleness": staleness, "steps": len(steps), "train_s": train_s,
             "samples_per_s": samples * len(steps) / max(train_s, 1e-9),
             "median_step_s": statistics.median(m["time/step_s"] for m in steps),
             "max_staleness_seen": max(m["policy/staleness"] for m in steps),
@@ -53,15 +63,15 @@ def run_mode(staleness: int, args) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    by: dict[int, list[dict]] = {}
+    by: dict[str, list[dict]] = {}
     for r in rows:
-        by.setdefault(r["staleness"], []).append(r)
-    base = statistics.mean(r["samples_per_s"] for r in by.get(0, rows))
+        by.setdefault(r["mode"], []).append(r)
+    base = statistics.mean(r["samples_per_s"] for r in by.get("0", rows))
     lines = ["| mode | runs | steps | samples/s | vs sync | median step (s) | held-out final | held-out best |",
              "|---|---|---|---|---|---|---|---|"]
     for s, rs in by.items():
         sps = statistics.mean(r["samples_per_s"] for r in rs)
-        name = "synchronous" if s == 0 else f"async, staleness {s}"
+        name = NAMES.get(s, f"async, staleness {s}")
         lines.append(f"| {name} | {len(rs)} | {statistics.mean(r['steps'] for r in rs):.0f} | {sps:.1f} | "
                      f"{sps / base:.2f}x | {statistics.mean(r['median_step_s'] for r in rs):.2f} | "
                      f"{statistics.mean(r['final_accuracy'] for r in rs):.1%} | "
@@ -78,7 +88,7 @@ def plot(rows: list[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in rows:
         xs, ys = zip(*r["eval_curve"]) if r["eval_curve"] else ((), ())
-        ax.plot(xs, ys, marker="o", label="synchronous" if r["staleness"] == 0 else f"staleness {r['staleness']}")
+        ax.plot(xs, ys, marker="o", label=NAMES.get(r["mode"], f"async, staleness {r['mode']}"))
     ax.set_xlabel("training seconds")
     ax.set_ylabel("held-out exact match")
     ax.set_title("Asynchronous rollouts on the demo task (1 core generator, 1 core learner)")
@@ -91,7 +101,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--warm", default="runs/demo", help="the warm start's folder (rlpipe warmstart --out)")
     p.add_argument("--minutes", type=float, default=3.0, help="training wall time per run")
-    p.add_argument("--staleness", default="0,1,2")
+    p.add_argument("--staleness", default="0,1,2", help="modes: staleness values; 0-sampler = the synchronous loop "
+                   "with the preset's pi_old (the sampler's, no importance weights)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--tis-cap", type=float, default=2.0)
     p.add_argument("--eval-every-s", type=float, default=30.0)
@@ -102,7 +113,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--warm: no warm start in {args.warm!r}; run `rlpipe warmstart --out {args.warm}` first")
     rows = []
     for _ in range(args.repeats):
-        for s in (int(x) for x in args.staleness.split(",")):
+        for s in args.staleness.split(","):
             print(f"staleness {s} ...", flush=True)
             rows.append(run_mode(s, args))
             print("  " + json.dumps({k: v for k, v in rows[-1].items() if k != "eval_curve"}), flush=True)
