@@ -237,11 +237,11 @@ class Trainer:
     def metrics(self, rollout: Rollout, stats: dict, seconds: dict) -> dict[str, float]:
         mask = rollout.completion_mask
         step_s = sum(seconds.values())
+        # asynchronous: generation overlaps the step, so its tokens count against the step's seconds
+        generate_s = step_s if self.cfg.rollout.max_staleness else seconds["generate"]
         m = {
             "completion/length": mask.sum(1).float().mean().item(),
-            # asynchronous: generation overlaps the step, so its tokens count against the step's seconds
-            "throughput/tokens_per_s": int(mask.sum()) / max(seconds["generate"] if not self.cfg.rollout.max_staleness
-                                                             else step_s, 1e-9),
+            "throughput/tokens_per_s": int(mask.sum()) / max(generate_s, 1e-9),
             "throughput/samples_per_s": len(rollout.prompts) / max(step_s, 1e-9),
             "time/step_s": step_s, "policy/version": self.version, "fault/resent_shards": self.resent_shards,
         }

@@ -84,8 +84,7 @@ def measure(size: str, mode: str, lora_rank: int, batch: int, seq: int, steps: i
 
         from pipeline.collective import Group
 
-        store = dist.TCPStore("127.0.0.1", port, world, is_master=True) if rank == 0 else None
-        engine.shard(Group("127.0.0.1", port, rank, world, store=store, world=True).mesh("cpu"))
+        engine.shard(Group("127.0.0.1", port, rank, world, world=True).mesh("cpu"))   # the parent's store
     ids = torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1))
     ids = ids.tensor_split(world)[rank]          # a data-parallel rank's share of the batch
     start = time.perf_counter()
@@ -105,18 +104,12 @@ def measure(size: str, mode: str, lora_rank: int, batch: int, seq: int, steps: i
             "step_s": seconds, "batch": batch, "seq": seq}
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_child(size: str, mode: str, args) -> dict:
     """One measurement in fresh processes: one, or --shards ranks for shard (the row keeps the largest peak)."""
+    from pipeline.collective import open_store
+
     world = args.shards if mode == "shard" else 1
-    port = free_port()
+    store, _, port = open_store(world, timeout_s=600.0)    # the ranks' rendezvous, held here while they run
     # Allocations of 64 KiB and more are mapped pages that go back to the system when freed, so the peak is
     # what the process held, not what glibc kept cached (its default keeps freed blocks up to 32 MiB in the
     # heap: the whole model a sharded rank built before sharding it would stay counted).
@@ -131,6 +124,7 @@ def run_child(size: str, mode: str, args) -> dict:
     failed = [err for p, _, err in done if p.returncode != 0]
     if failed:
         return {"size": size, "mode": mode, "error": (failed[0].strip().splitlines() or ["killed"])[-1]}
+    del store
     ranks = [json.loads(out.strip().splitlines()[-1]) for _, out, _ in done]
     row = max(ranks, key=lambda r: r["peak_rss_gib"] - r["rss_before_model_gib"])
     return {**row, "ranks": world}

@@ -46,24 +46,22 @@ class Group:
 
     def __init__(self, host: str, port: int, rank: int, size: int, backend: str = "gloo",
                  timeout_s: float = 60.0, store: dist.TCPStore | None = None, world: bool = False):
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"unknown collective backend {backend!r}; valid: gloo, nccl")
         timeout = timedelta(seconds=timeout_s)
         self.rank, self.size, self.backend, self.world = rank, size, backend, world
         if store is None:
             store = dist.TCPStore(host, port, size, is_master=False, timeout=timeout)
         self.store = store                        # rank 0's store must outlive the group
         if world:
-            if backend not in ("gloo", "nccl"):
-                raise ValueError(f"unknown collective backend {backend!r}; valid: gloo, nccl")
             dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
             self.pg = dist.distributed_c10d._get_default_group()
         elif backend == "gloo":
             self.pg = dist.ProcessGroupGloo(store, rank, size, timeout)
-        elif backend == "nccl":
+        else:
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = timeout
             self.pg = dist.ProcessGroupNCCL(store, rank, size, opts)
-        else:
-            raise ValueError(f"unknown collective backend {backend!r}; valid: gloo, nccl")
 
     def mesh(self, device_type: str):
         """The group as FSDP2's 1-D device mesh (a `world` group only)."""
