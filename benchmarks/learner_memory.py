@@ -12,15 +12,21 @@ shard the model with FSDP2 (`TrainEngine.shard`), each taking its 1/K of the bat
 do; the row reports the largest peak of its ranks. Each holds ~16/K bytes per parameter plus one gathered
 block at a time; every rank still builds the whole model once before sharding it.
 
-    python benchmarks/learner_memory.py [--sizes 10M,50M,200M] [--modes full,shard,lora] [--shards 2]
-        [--lora-rank 16] [--batch 4] [--seq 128] [--steps 2] [--out DIR]
+--largest then finds the largest model each mode trains on this machine: a line of memory against
+parameters fitted to that mode's rows gives the size whose learners (all of them, on this one machine)
+just fit --budget-gib, and a Llama of that size is built and trained to check.
 
-Writes learner_memory.json and learner_memory.md (a table) to --out (default runs/benchmarks).
+    python benchmarks/learner_memory.py [--sizes 10M,50M,200M] [--modes full,shard,lora] [--shards 2]
+        [--lora-rank 16] [--batch 4] [--seq 128] [--steps 2] [--largest [--budget-gib G]] [--out DIR]
+
+Sizes are keys of SHAPES or <hidden>x<layers>. Writes learner_memory.json and learner_memory.md (tables) to
+--out (default runs/benchmarks).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -39,13 +45,61 @@ SHAPES = {                 # hidden, layers: ~12 * hidden^2 per layer plus untie
 }
 
 
+def shape_of(size: str) -> tuple[int, int]:
+    """(hidden, layers) of a size: a key of SHAPES, or "<hidden>x<layers>" (e.g. 2048x22)."""
+    if size in SHAPES:
+        return SHAPES[size]
+    hidden, _, layers = size.partition("x")
+    if not (hidden.isdigit() and layers.isdigit() and int(hidden) % 64 == 0):
+        raise SystemExit(f"--sizes: {size!r} is neither one of {', '.join(SHAPES)} nor <hidden>x<layers> "
+                         "with hidden a multiple of 64")
+    return int(hidden), int(layers)
+
+
+def parameters_of(hidden: int, layers: int) -> int:
+    """Parameters of llama_config's model: per layer 4 h^2 attention + 3 h (8h/3) MLP (+ 2 norms), untied
+    embeddings and head, a final norm."""
+    return layers * (4 * hidden * hidden + 3 * hidden * (hidden * 8 // 3) + 2 * hidden) + 2 * VOCAB * hidden + hidden
+
+
+def shape_for(n: float) -> str:
+    """The "<hidden>x<layers>" Llama of at most `n` parameters (wider as it grows: 2048 from 0.4 B, 4096 from 2 B)."""
+    hidden = next(h for limit, h in ((2e7, 256), (1e8, 512), (4e8, 1024), (2e9, 2048), (math.inf, 4096)) if n < limit)
+    layers = max(1, int((n - parameters_of(hidden, 0)) // (parameters_of(hidden, 1) - parameters_of(hidden, 0))))
+    return f"{hidden}x{layers}"
+
+
+def memory_available_gib() -> float:
+    """MemAvailable of /proc/meminfo: what this machine can give new processes now."""
+    with open("/proc/meminfo") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("MemAvailable")) / 2**20
+
+
+def largest_fits(rows: list[dict], budget_gib: float) -> dict[str, dict]:
+    """Per mode, the parameter count whose learners together just fit `budget_gib` on this machine, from a
+    least-squares line of memory above start against parameters over that mode's measured rows (memory
+    grows linearly in parameters at a fixed batch): {mode: {"per_param_bytes", "fixed_gib", "start_gib",
+    "learners", "parameters"}}."""
+    out = {}
+    for mode in ("full", "shard", "lora"):
+        ok = [r for r in rows if r.get("mode") == mode and "error" not in r]
+        if len(ok) < 2:
+            continue
+        xs = [r["parameters"] for r in ok]
+        ys = [r["peak_rss_gib"] - r["rss_before_model_gib"] for r in ok]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        fixed, start, learners = my - slope * mx, max(r["rss_before_model_gib"] for r in ok), ok[0].get("ranks", 1)
+        out[mode] = {"per_param_bytes": slope * 2**30, "fixed_gib": fixed, "start_gib": start, "learners": learners,
+                     "parameters": (budget_gib / learners - start - fixed) / slope}
+    return out
+
+
 def llama_config(size: str):
-    """A Llama config of about `size` parameters (keys of SHAPES)."""
+    """A Llama config of about `size` parameters (a key of SHAPES, or "<hidden>x<layers>")."""
     from transformers import LlamaConfig
 
-    if size not in SHAPES:
-        raise SystemExit(f"--sizes: {size!r} is not one of {', '.join(SHAPES)}")
-    hidden, layers = SHAPES[size]
+    hidden, layers = shape_of(size)
     return LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
                        num_hidden_layers=layers, num_attention_heads=max(4, hidden // 64),
                        num_key_value_heads=max(4, hidden // 64), max_position_embeddings=512,
@@ -150,6 +204,18 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def largest_table(rows: list[dict]) -> str:
+    lines = ["| mode | learners on this machine | memory per parameter (fit) | largest by the fit | trained to check "
+             "| peak RSS, all learners (GiB) | budget (GiB) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f = r["fit"]
+        got = (f"failed: {r['error']}" if "error" in r else f"{r['size']} = {r['parameters'] / 1e9:.2f} B, "
+               f"{r['step_s']:.0f} s/step")
+        lines.append(f"| {r['mode']} | {f['learners']} | {f['per_param_bytes']:.1f} B | {f['parameters'] / 1e9:.2f} B "
+                     f"| {got} | {r.get('machine_gib', float('nan')):.1f} | {r['budget_gib']:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="10M,50M,200M")
@@ -159,6 +225,11 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--largest", action="store_true",
+                   help="then, per mode, fit memory against parameters, predict the largest model whose learners "
+                        "fit --budget-gib on this machine and train it to check")
+    p.add_argument("--budget-gib", type=float, default=None,
+                   help="memory the largest model may take (default: 85%% of MemAvailable at the start)")
     p.add_argument("--out", default="runs/benchmarks")
     p.add_argument("--child", nargs=2, metavar=("SIZE", "MODE"), help=argparse.SUPPRESS)
     p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -174,17 +245,31 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--shards: {args.shards}; shard mode needs 2 or more learners, at most --batch ({args.batch})")
     if set(modes) - {"full", "shard", "lora"}:
         raise SystemExit(f"--modes: {args.modes!r}; valid: full, shard, lora")
-    rows = []
+    for size in args.sizes.split(","):
+        shape_of(size)
+    budget = args.budget_gib or 0.85 * memory_available_gib()
+    rows, largest = [], []
     for size in args.sizes.split(","):
         for mode in modes:
             print(f"{size} {mode} ...", flush=True)
             rows.append(run_child(size, mode, args))
             print("  " + json.dumps(rows[-1]), flush=True)
+    if args.largest:
+        for mode, fit in largest_fits(rows, budget).items():
+            size = shape_for(fit["parameters"])
+            print(f"largest {mode}: {fit['parameters'] / 1e9:.2f} B parameters fit {budget:.1f} GiB by the fit; "
+                  f"training a {size} Llama to check ...", flush=True)
+            row = run_child(size, mode, args)
+            if "error" not in row:
+                row["machine_gib"] = row.get("ranks", 1) * row["peak_rss_gib"]
+            largest.append({**row, "fit": fit, "budget_gib": budget})
+            print("  " + json.dumps(largest[-1]), flush=True)
     os.makedirs(args.out, exist_ok=True)
-    summary = {"rows": rows, "lora_rank": args.lora_rank, "batch": args.batch, "seq": args.seq, "shards": args.shards}
+    summary = {"rows": rows, "largest": largest, "lora_rank": args.lora_rank, "batch": args.batch, "seq": args.seq,
+               "shards": args.shards}
     with open(os.path.join(args.out, "learner_memory.json"), "w") as fh:
         json.dump(summary, fh, indent=2)
-    md = table(rows)
+    md = table(rows) + ("\n\n" + largest_table(largest) if largest else "")
     with open(os.path.join(args.out, "learner_memory.md"), "w") as fh:
         fh.write(md + "\n")
     print(md)

@@ -53,8 +53,9 @@ class Group:
         if store is None:
             store = dist.TCPStore(host, port, size, is_master=False, timeout=timeout)
         self.store = store                        # rank 0's store must outlive the group
-        if world:
-            dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
+        if world:       # NCCL's default group also carries CPU tensors (offloaded shards) over gloo
+            both = "cuda:nccl,cpu:gloo" if backend == "nccl" else backend
+            dist.init_process_group(both, store=store, rank=rank, world_size=size, timeout=timeout)
             self.pg = dist.distributed_c10d._get_default_group()
         elif backend == "gloo":
             self.pg = dist.ProcessGroupGloo(store, rank, size, timeout)

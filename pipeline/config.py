@@ -186,8 +186,14 @@ class LearnerConfig:
                       "critic): replicate = each holds all of it and gradients are all-reduced; shard = FSDP2 "
                       "splits weights, gradients and AdamW state K ways (about 1/K each per learner), gathering "
                       "one transformer block at a time. Both take the step one learner would. Checkpoints of a "
-                      "sharded run hold the gathered state and resume on any number of learners.",
+                      "sharded run hold the gathered state and resume on any number of learners. With kl_coef > 0 "
+                      "the learners also hold the frozen reference, sharded the same way, instead of a reference "
+                      "actor with a whole copy.",
                       choices=("replicate", "shard"))
+    cpu_offload: bool = F(False, "With learner.parallel=shard: the parameter shards, their gradients and AdamW's "
+                          "moments stay in host memory and the optimizer steps there (FSDP2's CPUOffloadPolicy); "
+                          "the device holds only the block being gathered. For models whose shards do not fit "
+                          "the GPUs; slower (weights cross to the device every pass). No memory change on a CPU.")
 
 
 @dataclass
@@ -217,8 +223,8 @@ class ResourcesConfig:
                       "gradients are summed before the step, so K learners update exactly like one.", lo=1)
     cpus_per_learner: float = F(1.0, "CPU share of each learner.", lo=0.0)
     gpus_per_learner: float = F(0.0, "GPU share of each learner.", lo=0.0)
-    cpus_per_reference: float = F(0.25, "CPU share of the reference model (only started when kl_coef > 0 and "
-                                  "lora.rank = 0).",
+    cpus_per_reference: float = F(0.25, "CPU share of the reference actor (started when kl_coef > 0, unless "
+                                  "the learners hold the reference: LoRA, or sharded learners).",
                                   lo=0.0)
     torch_threads: int = F(0, "Intra-op threads per actor; 0 = round(its CPU share), at least 1.", lo=0)
     placement_strategy: str = F("PACK", "Placement group strategy for all actors.",
@@ -458,6 +464,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.learner.parallel == "shard" and cfg.lora.rank:
         raise ConfigError("learner.parallel: shard with lora.rank > 0 is not supported; LoRA's adapters are small, "
                           "train them replicated (learner.parallel=replicate)")
+    if cfg.learner.cpu_offload and not learners_sharded(cfg):
+        raise ConfigError("learner.cpu_offload offloads the shards of sharded learners: set learner.parallel=shard "
+                          "and resources.learners > 1, or learner.cpu_offload=false")
     if cfg.learner.parallel == "shard" and cfg.model.dtype == "float16":
         raise ConfigError("learner.parallel: shard runs in bfloat16 or float32 (float16's loss scaler does not "
                           "shard); set model.dtype=bfloat16")
@@ -493,9 +502,10 @@ def learner_old_logprobs(cfg: RunConfig) -> bool:
 
 
 def learner_reference(cfg: RunConfig) -> bool:
-    """Whether log pi_ref comes from the learner (the LoRA policy's base, adapters off) rather than from a
-    reference actor holding a second copy of the model."""
-    return cfg.algorithm.kl_coef > 0 and cfg.lora.rank > 0
+    """Whether log pi_ref comes from the learners rather than from a reference actor holding a whole second
+    copy of the model: a LoRA policy's base (adapters off), or a frozen reference sharded between sharded
+    learners."""
+    return cfg.algorithm.kl_coef > 0 and (cfg.lora.rank > 0 or learners_sharded(cfg))
 
 
 def learners_sharded(cfg: RunConfig) -> bool:

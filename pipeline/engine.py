@@ -56,6 +56,34 @@ def lr_factor(step: int, warmup_steps: int, decay_steps: Optional[int] = None, f
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def shard_model(model: nn.Module, mesh, mp=None, cpu_offload: bool = False, *extra: nn.Module) -> list[nn.Module]:
+    """FSDP2 (`fully_shard`) on `model` over `mesh`: each transformer block one unit, then the root (the rest:
+    embeddings, final norm, head), then each extra module. mp: a MixedPrecisionPolicy or None (parameters
+    compute in their own dtype); cpu_offload: shards live in host memory (CPUOffloadPolicy). -> the units.
+    Frees the unsharded weights before returning."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    kw = {"mesh": mesh, "mp_policy": mp or MixedPrecisionPolicy(),
+          "offload_policy": CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if cpu_offload else OffloadPolicy()}
+    for block in transformer_blocks(model):
+        fully_shard(block, **kw)
+    for top in (model, *extra):
+        fully_shard(top, **kw)
+    gc.collect()                                 # the whole unsharded weights go now, not at some later sweep
+    return [m for top in (model, *extra) for m in top.modules() if isinstance(m, FSDPModule)]
+
+
+def full_tensor(t):
+    """The whole tensor behind `t`: a DTensor shard is gathered from every rank (every rank must call it);
+    anything else is returned as is. A shard kept in host memory (CPU offload) is gathered on the mesh's
+    device, as NCCL needs."""
+    if not hasattr(t, "full_tensor"):
+        return t
+    if t.device.type != t.device_mesh.device_type:
+        t = t.to(t.device_mesh.device_type)
+    return t.full_tensor()
+
+
 class TrainEngine:
     """One model (plus optional extra modules trained with it, e.g. a value head) and its AdamW optimizer.
 
@@ -98,12 +126,14 @@ class TrainEngine:
         self._whole = nn.ModuleDict({"model": self.model, **self.extra_modules})   # one tree for state dicts
 
     # ------------------------------------------------------------------------------------ sharding
-    def shard(self, mesh) -> None:
+    def shard(self, mesh, cpu_offload: bool = False) -> None:
         """FSDP2 over `mesh` (a 1-D DeviceMesh of the data-parallel learners; every rank calls it, before the
         first step): each transformer block is one unit, the rest of the model (embeddings, final norm, head)
         the root's, each extra module its own. Parameters live as float32 shards (the master weights) and are
-        gathered in the compute dtype (FSDP2's mixed precision; gradients reduce in float32)."""
-        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+        gathered in the compute dtype (FSDP2's mixed precision; gradients reduce in float32).
+        cpu_offload: the shards, their gradients and so AdamW's moments live in host memory and the
+        optimizer steps there (FSDP2's CPUOffloadPolicy); the device holds only the blocks being gathered."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy
 
         if self.scaler is not None:
             raise ValueError("sharded learners run in bfloat16 or float32; float16's loss scaler does not "
@@ -113,18 +143,10 @@ class TrainEngine:
         if any(self.optimizer.state.values()):
             raise RuntimeError("TrainEngine.shard() comes before the first step")
         mp = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
-        for block in transformer_blocks(self.model):
-            fully_shard(block, mesh=mesh, mp_policy=mp)
-        fully_shard(self.model, mesh=mesh, mp_policy=mp)
-        for m in self.extra_modules.values():
-            fully_shard(m, mesh=mesh, mp_policy=mp)
-        units = [m for top in (self.model, *self.extra_modules.values()) for m in top.modules()
-                 if isinstance(m, FSDPModule)]
-        for unit in units:
+        for unit in shard_model(self.model, mesh, mp, cpu_offload, *self.extra_modules.values()):
             unit.set_gradient_divide_factor(1.0)      # sum, not mean: trainers weigh each rank's share
             unit.set_force_sum_reduction_for_comms(True)    # plain SUM (gloo has no PREMUL_SUM)
         self.sharded, self.rank = True, mesh.get_local_rank()
-        gc.collect()                                 # the whole unsharded weights go now, not at some later sweep
         self.params = [p for top in (self.model, *self.extra_modules.values()) for p in top.parameters()
                        if p.requires_grad]          # fully_shard replaced them with DTensor shards
         self.optimizer = torch.optim.AdamW(self.params, **{k: self.optimizer.defaults[k]
@@ -176,7 +198,7 @@ class TrainEngine:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm if self.max_grad_norm > 0 else math.inf)
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)   # sharded: a DTensor
+        norm = float(full_tensor(norm))                                 # sharded: a DTensor
         skipped = not math.isfinite(norm)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)      # skips by itself on inf/NaN gradients
@@ -258,7 +280,7 @@ class TrainEngine:
         if self.sharded:
             out = {}
             for k, v in self.model.state_dict().items():
-                full = v.full_tensor() if hasattr(v, "full_tensor") else v
+                full = full_tensor(v)
                 if self.rank == 0:
                     out[k] = full.detach().to(target)
                 del full

@@ -10,15 +10,22 @@ from pipeline.models import completion_forward, load_causal_lm
 from pipeline.torch_env import resolve_device, setup_torch
 
 
+def load_reference_model(model_cfg: ModelConfig, device) -> torch.nn.Module:
+    """The frozen initial policy (`model.path` in `model.dtype`), in eval mode, without gradients: the
+    reference actor's model, or the one sharded learners hold between them."""
+    model = load_causal_lm(model_cfg.path, dtype=model_cfg.dtype, device=device,
+                           disable_dropout=model_cfg.disable_dropout)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
 class ReferencePolicy:
     def __init__(self, model_cfg: ModelConfig, temperature: float, threads: int = 1):
         setup_torch(threads)
         self.temperature = temperature
         self.device = resolve_device(model_cfg.device)
-        self.model = load_causal_lm(model_cfg.path, dtype=model_cfg.dtype, device=self.device,
-                                    disable_dropout=model_cfg.disable_dropout)
-        self.model.eval()
-        self.model.requires_grad_(False)
+        self.model = load_reference_model(model_cfg, self.device)
 
     @torch.no_grad()
     def logprobs(self, r: Rollout) -> torch.Tensor:

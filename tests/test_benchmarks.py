@@ -64,6 +64,29 @@ def test_learner_memory_measures_full_shard_and_lora_in_fresh_processes(tmp_path
     assert "| 3M | full | 1 |" in table and "| 3M | shard | 2 |" in table and "| 3M | lora | 1 |" in table
 
 
+@pytest.mark.unit
+def test_learner_memory_largest_model_from_a_line_fitted_to_its_rows():
+    bench = load_bench("learner_memory")
+    gib = 2**30
+
+    def row(mode, n, ranks=1):     # memory above start: 0.25 GiB plus 16 (full), 8 (shard) or 4 (lora) B/param
+        per = {"full": 16, "shard": 8, "lora": 4}[mode]
+        return {"mode": mode, "parameters": n, "ranks": ranks, "rss_before_model_gib": 0.5,
+                "peak_rss_gib": 0.5 + 0.25 + per * n / gib}
+
+    rows = [row(m, n, 2 if m == "shard" else 1) for n in (1e7, 5e7, 2e8) for m in ("full", "shard", "lora")]
+    fits = bench.largest_fits(rows + [{"mode": "full", "error": "killed"}], budget_gib=16.75)
+    assert fits["full"]["per_param_bytes"] == pytest.approx(16) and fits["full"]["fixed_gib"] == pytest.approx(0.25)
+    assert fits["full"]["parameters"] == pytest.approx((16.75 - 0.75) * gib / 16)          # 1.07 B
+    assert fits["lora"]["parameters"] == pytest.approx(4 * fits["full"]["parameters"])
+    # two sharded learners on one machine: each half the bytes, both count against the same budget
+    assert fits["shard"]["learners"] == 2
+    assert fits["shard"]["parameters"] == pytest.approx((16.75 / 2 - 0.75) * gib / 8)
+    for n in (1.5e7, 3e8, 1.2e9, 4.5e9):
+        params = bench.parameters_of(*bench.shape_of(bench.shape_for(n)))
+        assert 0.85 * n < params <= n, n                       # the checked model is at most the fitted size
+
+
 @pytest.mark.slow
 def test_async_overlap_runs_each_mode_and_reports_its_staleness(tiny_task, tmp_path):
     bench = load_bench("async_overlap")

@@ -78,6 +78,45 @@ def test_k_sharded_learners_update_exactly_like_one(tiny_task, ray_local, tmp_pa
 
 
 @pytest.mark.ray
+def test_sharded_learners_hold_the_reference_and_offload_to_cpu(tiny_task, ray_local, tmp_path):
+    """kl_coef > 0 on sharded learners: no reference actor; the learners hold the frozen reference sharded
+    between them, answer the reference actor's log-probs and take the unsharded step with the KL term, with
+    their shards in host memory (learner.cpu_offload; on a CPU the same memory, the same code path)."""
+    from actors.learner_group import LearnerGroup
+    from actors.pools import connect_group
+    from actors.shells import Learner
+    from pipeline.collective import DP_GROUP
+    from pipeline.config import learner_reference
+    from pipeline.reference import ReferencePolicy
+
+    cfg = _cfg(tiny_task, tmp_path, "grpo", 2, "algorithm.kl_coef=0.1", "learner.cpu_offload=true")
+    assert learner_reference(cfg)                                   # so the pools start no reference actor
+    single, batch = _scored_batch(cfg)
+    want_ref = ReferencePolicy(cfg.model, cfg.rollout.temperature).logprobs(batch.rollout)
+    learners = [Learner.options(num_cpus=0.5).remote(cfg, 1, rank, 2) for rank in range(2)]
+    group = LearnerGroup(learners, sharded=True)
+    try:
+        connect_group(DP_GROUP, learners, "gloo", timeout_s=60)
+        held = ray.get(learners[1].held_parameters.remote())
+        forward = ray.get(group.submit_rollout_forward(batch.rollout, False, True))
+        batch.ref_logprobs = forward["ref_logprobs"]
+        got = [group.update(batch) for batch.rollout.policy_version in range(2)]
+        models, _ = group.state()
+    finally:
+        for learner in learners:
+            ray.kill(learner)
+    assert held["reference"][0] < 0.6 * held["reference"][1]
+    torch.testing.assert_close(forward["ref_logprobs"], want_ref, rtol=1e-5, atol=1e-6)
+    want = [single.update(batch) for batch.rollout.policy_version in range(2)]
+    assert want[-1]["policy/kl"] > 0                                # the KL term took part in the step
+    for g, w in zip(got, want):
+        for key in ("policy/loss", "policy/kl", "optim/grad_norm"):
+            assert g[key] == pytest.approx(w[key], rel=1e-4, abs=1e-6), key
+    for name, value in single.state()[0]["policy"].items():
+        torch.testing.assert_close(models["policy"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.ray
 def test_sharded_checkpoint_resumes_on_another_number_of_learners(tiny_task, ray_local, tmp_path):
     """A checkpoint of K=2 sharded learners loads into K=3 sharded learners and into one unsharded learner,
     and each then takes the same next step."""
@@ -130,13 +169,15 @@ def test_sharding_refuses_what_it_cannot_do(tiny_task, tmp_path):
         _cfg(tiny_task, tmp_path, "grpo", 2, "model.dtype=float16")
     with pytest.raises(ConfigError, match="learner.parallel=replicate"):
         _cfg(tiny_task, tmp_path, "grpo", 2, "lora.rank=4")
+    with pytest.raises(ConfigError, match="learner.cpu_offload=false"):
+        _cfg(tiny_task, tmp_path, "grpo", 1, "learner.cpu_offload=true")
 
 
 @pytest.mark.slow
 def test_sharded_run_killed_and_resumed_on_one_learner_continues_its_curve(tiny_task, tmp_path):
-    """`rlpipe train` on 2 sharded learners, crashed after step 3 (checkpoint at 2), resumed with
-    resources.learners=1: steps 1..5 logged once each, and the resumed steps' losses are those of the same run
-    left uninterrupted on 2 sharded learners."""
+    """`rlpipe train` on 2 sharded learners (holding the KL's reference between them), crashed after step 3
+    (checkpoint at 2), resumed with resources.learners=1 (a reference actor): steps 1..5 logged once each, and
+    the resumed steps' losses are those of the same run left uninterrupted on 2 sharded learners."""
     import mlflow
 
     from actors.cli import main
@@ -144,9 +185,10 @@ def test_sharded_run_killed_and_resumed_on_one_learner_continues_its_curve(tiny_
     from pipeline.config import load_config
     from tests.test_train_e2e import Crash, run_args
 
-    def args(out):
+    def args(out):          # sevens: a reward the random tiny model earns by chance
         return run_args(tiny_task, out, "train.steps=5", "train.eval_every=5", "checkpoint.every=2",
-                        "resources.learners=2", "learner.parallel=shard", "learner.lr=1e-3")
+                        "resources.learners=2", "learner.parallel=shard", "learner.lr=1e-3",
+                        "algorithm.kl_coef=0.05", "reward.functions=[tests.rewards_for_tests:sevens]")
 
     def curve(out, metric="policy/loss"):
         client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
@@ -166,8 +208,12 @@ def test_sharded_run_killed_and_resumed_on_one_learner_continues_its_curve(tiny_
     run, losses = curve(out)
     _, want = curve(whole)
     assert sorted(losses) == [1, 2, 3, 4, 5] and run.info.status == "FINISHED"
+    assert any(abs(v) > 1e-4 for v in want.values())             # the policy did learn something
     for step in range(1, 6):
         assert losses[step] == pytest.approx(want[step], rel=1e-3, abs=1e-5), (step, losses, want)
+    _, kls = curve(out, "policy/kl")
+    _, want_kls = curve(whole, "policy/kl")
+    assert kls[5] > 0 and kls[5] == pytest.approx(want_kls[5], rel=1e-3, abs=1e-7)
 
 
 @pytest.mark.ray

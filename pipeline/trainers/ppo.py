@@ -11,7 +11,8 @@ its slice of every minibatch, splits it into micro-batches (`learner.micro_batch
 micro-batch's loss by its share of the whole minibatch (`shard_weight`). The engines sum the gradients over
 the "learners" group before clipping and stepping, so K ranks take exactly the step one learner takes on
 the whole minibatch in one pass, and stay identical. With learner.parallel=shard the engines shard the
-models over that group (FSDP2) once the learner joins it; then every verb is collective: rollout forwards
+models over that group (FSDP2) once the learner joins it, and the learners hold the frozen reference
+(kl_coef > 0) sharded the same way instead of a reference actor's whole copy; then every verb is collective: rollout forwards
 split the rows over the ranks (the caller concatenates), and exports, checkpoints and the final model are
 gathered to rank 0, whose answer is the one to keep (the other ranks answer None or empty state).
 """
@@ -28,10 +29,11 @@ from pipeline.algorithms.core import (aggregate_loss, clipped_policy_loss, clipp
                                       masked_mean, shard_weight, truncated_importance_weights)
 from pipeline.batch import Rollout, TrainBatch
 from pipeline.collective import DP_GROUP, SYNC_GROUP, GroupMember, send_weights
-from pipeline.config import RunConfig, learners_sharded
-from pipeline.engine import TrainEngine, lr_factor
+from pipeline.config import RunConfig, learner_reference, learners_sharded
+from pipeline.engine import TrainEngine, lr_factor, shard_model
 from pipeline.models import (ValueModel, completion_forward, left_padded_positions, load_causal_lm,
                              new_value_head, values_from_hidden)
+from pipeline.reference import load_reference_model
 from pipeline.torch_env import derive_seed, resolve_device, setup_torch
 from pipeline.weights import WeightsPacket, pack_weights, state_checksum
 
@@ -56,6 +58,9 @@ class PolicyLearner(GroupMember):
         if needs_critic and m.critic == "separate":
             critic = ValueModel(m.critic_path or m.path, disable_dropout=m.disable_dropout)
             self.critic = self._engine(critic, lc.critic_lr)
+        # Sharded learners hold the frozen reference too, sharded like the policy (a LoRA policy's is its base).
+        self.reference_model = (load_reference_model(m, self.device)
+                                if learner_reference(cfg) and not cfg.lora.rank else None)
         self.norm = float(cfg.rollout.max_new_tokens)   # Dr.GRPO's constant: the generation budget
 
     def _engine(self, model, lr: float, extra=None, lora=None) -> TrainEngine:
@@ -75,20 +80,27 @@ class PolicyLearner(GroupMember):
             mesh = self.group(DP_GROUP).mesh(torch.device(self.device).type)
             for engine in (self.policy, self.critic):
                 if engine is not None:
-                    engine.shard(mesh)
+                    engine.shard(mesh, cpu_offload=self.cfg.learner.cpu_offload)
+            if self.reference_model is not None:     # frozen: gathered in its own dtype, no gradients to reduce
+                shard_model(self.reference_model, mesh, cpu_offload=self.cfg.learner.cpu_offload)
 
     def held_parameters(self) -> dict[str, tuple[int, int]]:
-        """{engine: (parameters this rank holds, of the whole model)}."""
-        return {name: e.held_parameters() for name, e in (("policy", self.policy), ("critic", self.critic)) if e}
+        """{engine or "reference": (parameters this rank holds, of the whole model)}."""
+        held = {name: e.held_parameters() for name, e in (("policy", self.policy), ("critic", self.critic)) if e}
+        if self.reference_model is not None:
+            ps = list(self.reference_model.parameters())
+            held["reference"] = (sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in ps),
+                                 sum(p.numel() for p in ps))
+        return held
 
     @property
     def sharded(self) -> bool:
         return self.policy.sharded
 
     # ------------------------------------------------------------------------------------------ forwards
-    def _forward(self, r: Rollout, rows: torch.Tensor, **want) -> dict:
+    def _forward(self, r: Rollout, rows: torch.Tensor, model=None, **want) -> dict:
         d = self.device
-        return completion_forward(self.policy.model, r.prompt_ids[rows].to(d), r.prompt_mask[rows].to(d),
+        return completion_forward(model or self.policy.model, r.prompt_ids[rows].to(d), r.prompt_mask[rows].to(d),
                                   r.completion_ids[rows].to(d), r.completion_mask[rows].to(d),
                                   temperature=self.cfg.rollout.temperature, **want)
 
@@ -105,8 +117,8 @@ class PolicyLearner(GroupMember):
     def rollout_forward(self, r: Rollout, old_logprobs: bool = False, ref_logprobs: bool = False) -> dict:
         """What the learner knows of a fresh rollout, before any update: {"values": (N, T) rollout-time critic
         values or None when the estimator needs no critic, "old_logprobs": (N, T) log pi_old from this
-        learner's own forward, or None unless asked, "ref_logprobs": (N, T) log pi_ref from the policy's
-        base with its LoRA adapters off, or None unless asked}. Micro-batched like the update.
+        learner's own forward, or None unless asked, "ref_logprobs": (N, T) log pi_ref from the frozen
+        reference the sharded learners hold, or from a LoRA policy's base (adapters off); None unless asked}. Micro-batched like the update.
         Sharded: every rank computes its consecutive slice of the rows (concatenated in rank order, they are
         the whole); a rank's padding passes compute row 0 and drop it."""
         need_policy = old_logprobs or self.value_head is not None
@@ -125,7 +137,10 @@ class PolicyLearner(GroupMember):
                 if self.value_head is not None:
                     v = values_from_hidden(self.value_head, out["hidden"]).cpu()
                     values += [v] if keep else []
-            if ref_logprobs:
+            if ref_logprobs and self.reference_model is not None:
+                lp = self._forward(r, rows, self.reference_model)["logprobs"].float().cpu()
+                ref += [lp] if keep else []
+            elif ref_logprobs:
                 with self.policy.reference(), self.policy.autocast():
                     lp = self._forward(r, rows)["logprobs"].float().cpu()
                 ref += [lp] if keep else []
