@@ -66,6 +66,49 @@ def test_async_run_killed_and_resumed_regenerates_what_was_in_flight(tiny_task, 
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "policy/loss")) == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.slow
+def test_async_driver_killed_with_sigkill_resumes_every_step_once(tiny_task, tmp_path):
+    """`rlpipe train` (staleness 1) killed with SIGKILL once step 3 is logged, with step 4's batch in flight,
+    then `rlpipe train --resume`: steps 1..6 logged once each, and every step trained the prompt rows of the
+    uninterrupted run's step (the rollouts logged each step): none lost, none trained twice."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    args = ["train.steps=6", "train.eval_every=6", "checkpoint.every=2", "learner.lr=1e-3",
+            "train.log_samples_every=1", *ASYNC]
+    whole = []
+    run_training(load_config("grpo", run_args(tiny_task, tmp_path / "whole", *args)), on_step=_record(whole))
+    rlpipe = str(Path(sys.executable).with_name("rlpipe"))
+    out = tmp_path / "killed"
+    driver = subprocess.Popen([rlpipe, "train", "--config", "grpo", *run_args(tiny_task, out, *args)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = []
+        for line in driver.stdout:
+            seen.append(line)
+            if line.startswith("step 3/"):
+                driver.send_signal(signal.SIGKILL)
+                break
+        assert driver.wait(timeout=60) == -signal.SIGKILL, "".join(seen)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    resumed = subprocess.run([rlpipe, "train", "--resume", str(out)], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "at step 2" in resumed.stdout                  # the last checkpoint before the kill
+    client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("rlpipe").experiment_id])
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "policy/loss")) == [1, 2, 3, 4, 5, 6]
+    assert run.info.status == "FINISHED"
+    for w in whole:              # step 3 trained twice (before the kill, again after): its last rollouts count
+        path = client.download_artifacts(run.info.run_id, f"samples/rollouts_step_{w['step']:06d}.parquet",
+                                         str(tmp_path / "samples"))
+        assert pq.read_table(path).column("prompt").to_pylist() == w["prompts"], w["step"]
+
+
 @pytest.mark.ray
 def test_generator_killed_mid_stream_loses_and_duplicates_nothing(tiny_task, tmp_path, ray_with_marker):
     from actors.driver import Trainer
