@@ -318,15 +318,17 @@ def test_a_cloned_checkpoint_becomes_the_runs_only_one_and_keeps_the_trials_own_
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_pbt_sweep_runs_and_each_trial_logs_to_its_own_run(tiny_task, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["rollout.max_staleness=1", "algorithm.tis_cap=2.0"]], ids=["sync", "async"])
+def test_pbt_sweep_runs_and_each_trial_logs_to_its_own_run(tiny_task, tmp_path, extra):
     """Two trials under PBT. When PBT exploits (its timing is Ray's: a trial that finishes before the other
-    reaches a perturbation is never compared), the exploiting trial restarts from the cloned checkpoint."""
+    reaches a perturbation is never compared), the exploiting trial restarts from the cloned checkpoint.
+    Asynchronous trials (staleness 1) sweep the same way, their batches within the bound."""
     space = tmp_path / "space.yaml"
     space.write_text("learner.lr: {grid: [1.0e-5, 3.0e-2]}\n")
     out = tmp_path / "pbt"
     args = ["tune", "--config", "grpo", "--space", str(space), "--num-samples", "1", "--concurrency", "2",
             "--max-steps", "4", "--scheduler", "pbt", "--perturbation-interval", "2", "--metric", "reward/mean",
-            "--out", str(out), *task_args(tiny_task)]
+            "--out", str(out), *task_args(tiny_task), *extra]
     assert main(args) == 0
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [r["status"] for r in rows] == ["completed", "completed"], rows
@@ -344,3 +346,5 @@ def test_pbt_sweep_runs_and_each_trial_logs_to_its_own_run(tiny_task, tmp_path):
         assert logged[0] == 1 and sorted(set(logged)) == sorted(logged) and max(logged) == 4, (trial, logged)
         segments = client.get_metric_history(child.info.run_id, "hparam/learner.lr")   # one per start that trained
         assert 1 <= len(segments) <= len(starts[trial])
+        staleness = [m.value for m in client.get_metric_history(child.info.run_id, "policy/staleness")]
+        assert max(staleness) == (1.0 if extra else 0.0), (trial, staleness)
