@@ -75,6 +75,11 @@ def memory_available_gib() -> float:
         return next(int(line.split()[1]) for line in fh if line.startswith("MemAvailable")) / 2**20
 
 
+def used_gib(r: dict) -> float:
+    """What a row's model and its training added to the bare interpreter with torch (GiB)."""
+    return r["peak_rss_gib"] - r["rss_before_model_gib"]
+
+
 def largest_fits(rows: list[dict], budget_gib: float) -> dict[str, dict]:
     """Per mode, the parameter count whose learners together just fit `budget_gib` on this machine, from a
     least-squares line of memory above start against parameters over that mode's measured rows (memory
@@ -86,7 +91,7 @@ def largest_fits(rows: list[dict], budget_gib: float) -> dict[str, dict]:
         if len(ok) < 2:
             continue
         xs = [r["parameters"] for r in ok]
-        ys = [r["peak_rss_gib"] - r["rss_before_model_gib"] for r in ok]
+        ys = [used_gib(r) for r in ok]
         mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
         slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
         fixed, start, learners = my - slope * mx, max(r["rss_before_model_gib"] for r in ok), ok[0].get("ranks", 1)
@@ -188,18 +193,15 @@ def table(rows: list[dict]) -> str:
     lines = ["| model | mode | learners | parameters | trainable | peak RSS per learner (GiB) | above start (GiB) "
              "| vs full | AdamW state per learner (GiB) | s/step |", "|---|---|---|---|---|---|---|---|---|---|"]
 
-    def used(r: dict) -> float:      # what the model and its training added to the bare interpreter + torch
-        return r["peak_rss_gib"] - r["rss_before_model_gib"]
-
-    full = {r["size"]: used(r) for r in rows if r.get("mode") == "full" and "error" not in r}
+    full = {r["size"]: used_gib(r) for r in rows if r.get("mode") == "full" and "error" not in r}
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['size']} | {r['mode']} | | | | failed: {r['error']} | | | | |")
             continue
-        ratio = f"{used(r) / full[r['size']]:.0%}" if full.get(r["size"], 0) > 0 else ""
+        ratio = f"{used_gib(r) / full[r['size']]:.0%}" if full.get(r["size"], 0) > 0 else ""
         lines.append(f"| {r['size']} | {r['mode']} | {r.get('ranks', 1)} | {r['parameters'] / 1e6:.1f} M | "
                      f"{r['trainable'] / 1e6:.2f} M | "
-                     f"{r['peak_rss_gib']:.2f} | {used(r):.2f} | {ratio} | {r['optimizer_gib']:.3f} | "
+                     f"{r['peak_rss_gib']:.2f} | {used_gib(r):.2f} | {ratio} | {r['optimizer_gib']:.3f} | "
                      f"{r['step_s']:.1f} |")
     return "\n".join(lines)
 
@@ -247,7 +249,6 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--modes: {args.modes!r}; valid: full, shard, lora")
     for size in args.sizes.split(","):
         shape_of(size)
-    budget = args.budget_gib or 0.85 * memory_available_gib()
     rows, largest = [], []
     for size in args.sizes.split(","):
         for mode in modes:
@@ -255,6 +256,7 @@ def main(argv=None) -> dict:
             rows.append(run_child(size, mode, args))
             print("  " + json.dumps(rows[-1]), flush=True)
     if args.largest:
+        budget = args.budget_gib or 0.85 * memory_available_gib()
         for mode, fit in largest_fits(rows, budget).items():
             size = shape_for(fit["parameters"])
             print(f"largest {mode}: {fit['parameters'] / 1e9:.2f} B parameters fit {budget:.1f} GiB by the fit; "

@@ -73,6 +73,12 @@ def shard_model(model: nn.Module, mesh, mp=None, cpu_offload: bool = False, *ext
     return [m for top in (model, *extra) for m in top.modules() if isinstance(m, FSDPModule)]
 
 
+def held_parameters(module: nn.Module) -> tuple[int, int]:
+    """(parameters of `module` this process holds, parameters of the whole module): equal unless sharded."""
+    ps = list(module.parameters())
+    return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in ps), sum(p.numel() for p in ps)
+
+
 def full_tensor(t):
     """The whole tensor behind `t`: a DTensor shard is gathered from every rank (every rank must call it);
     anything else is returned as is. A shard kept in host memory (CPU offload) is gathered on the mesh's
@@ -154,8 +160,7 @@ class TrainEngine:
 
     def held_parameters(self) -> tuple[int, int]:
         """(parameters this process holds, parameters of the whole model): equal unless sharded."""
-        mine = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in self._whole.parameters())
-        return mine, sum(p.numel() for p in self._whole.parameters())
+        return held_parameters(self._whole)
 
     # ------------------------------------------------------------------------------------ a step
     def autocast(self):

@@ -12,12 +12,14 @@ micro-batch's loss by its share of the whole minibatch (`shard_weight`). The eng
 the "learners" group before clipping and stepping, so K ranks take exactly the step one learner takes on
 the whole minibatch in one pass, and stay identical. With learner.parallel=shard the engines shard the
 models over that group (FSDP2) once the learner joins it, and the learners hold the frozen reference
-(kl_coef > 0) sharded the same way instead of a reference actor's whole copy; then every verb is collective: rollout forwards
-split the rows over the ranks (the caller concatenates), and exports, checkpoints and the final model are
-gathered to rank 0, whose answer is the one to keep (the other ranks answer None or empty state).
+(kl_coef > 0) sharded the same way instead of a reference actor's whole copy. Then every verb is
+collective: rollout forwards split the rows over the ranks (the caller concatenates), and exports,
+checkpoints and the final model are gathered to rank 0, whose answer is the one to keep (the other ranks
+answer None or empty state).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -30,7 +32,7 @@ from pipeline.algorithms.core import (aggregate_loss, clipped_policy_loss, clipp
 from pipeline.batch import Rollout, TrainBatch
 from pipeline.collective import DP_GROUP, SYNC_GROUP, GroupMember, send_weights
 from pipeline.config import RunConfig, learner_reference, learners_sharded
-from pipeline.engine import TrainEngine, lr_factor, shard_model
+from pipeline.engine import TrainEngine, held_parameters, lr_factor, shard_model
 from pipeline.models import (ValueModel, completion_forward, left_padded_positions, load_causal_lm,
                              new_value_head, values_from_hidden)
 from pipeline.reference import load_reference_model
@@ -88,9 +90,7 @@ class PolicyLearner(GroupMember):
         """{engine or "reference": (parameters this rank holds, of the whole model)}."""
         held = {name: e.held_parameters() for name, e in (("policy", self.policy), ("critic", self.critic)) if e}
         if self.reference_model is not None:
-            ps = list(self.reference_model.parameters())
-            held["reference"] = (sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in ps),
-                                 sum(p.numel() for p in ps))
+            held["reference"] = held_parameters(self.reference_model)
         return held
 
     @property
@@ -113,12 +113,23 @@ class PolicyLearner(GroupMember):
         P, T = r.prompt_ids.shape[1], r.completion_ids.shape[1]
         return values[:, P - 1:P + T - 1]        # the positions that predict each completion token
 
+    def _reference(self):
+        """The context of a log pi_ref forward: none for the frozen reference model the sharded learners hold
+        (it computes in its own dtype); a LoRA policy's base, adapters off, otherwise."""
+        if self.reference_model is not None:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.policy.reference())
+        stack.enter_context(self.policy.autocast())
+        return stack
+
     @torch.no_grad()
     def rollout_forward(self, r: Rollout, old_logprobs: bool = False, ref_logprobs: bool = False) -> dict:
         """What the learner knows of a fresh rollout, before any update: {"values": (N, T) rollout-time critic
         values or None when the estimator needs no critic, "old_logprobs": (N, T) log pi_old from this
         learner's own forward, or None unless asked, "ref_logprobs": (N, T) log pi_ref from the frozen
-        reference the sharded learners hold, or from a LoRA policy's base (adapters off); None unless asked}. Micro-batched like the update.
+        reference the sharded learners hold, or from a LoRA policy's base (adapters off); None unless asked}.
+        Micro-batched like the update.
         Sharded: every rank computes its consecutive slice of the rows (concatenated in rank order, they are
         the whole); a rank's padding passes compute row 0 and drop it."""
         need_policy = old_logprobs or self.value_head is not None
@@ -137,12 +148,9 @@ class PolicyLearner(GroupMember):
                 if self.value_head is not None:
                     v = values_from_hidden(self.value_head, out["hidden"]).cpu()
                     values += [v] if keep else []
-            if ref_logprobs and self.reference_model is not None:
-                lp = self._forward(r, rows, self.reference_model)["logprobs"].float().cpu()
-                ref += [lp] if keep else []
-            elif ref_logprobs:
-                with self.policy.reference(), self.policy.autocast():
-                    lp = self._forward(r, rows)["logprobs"].float().cpu()
+            if ref_logprobs:
+                with self._reference():
+                    lp = self._forward(r, rows, self.reference_model)["logprobs"].float().cpu()
                 ref += [lp] if keep else []
             if self.critic is not None:
                 with self.critic.autocast():
