@@ -23,7 +23,8 @@ from actors.weight_sync import WeightSync
 from pipeline.algorithms.advantages import AdvantageInputs, compute_advantages, place_sequence_reward
 from pipeline.algorithms.core import kl_penalty, masked_mean
 from pipeline.batch import Rollout, TrainBatch, concat_rollouts, split_indices
-from pipeline.config import RunConfig, learner_old_logprobs, learner_reference, learners_sharded
+from pipeline.config import (RunConfig, learner_old_logprobs, learner_reference, learners_sharded,
+                             old_logprobs_from_update)
 from pipeline.rewards import RewardFailure, RunningMoments, merge_scored_shards, shape_scores
 
 REPORT_FAILED_SHARE = 0.1     # a step with this share of failed samples prints the failure
@@ -189,12 +190,18 @@ class Trainer:
         batch.old_logprobs = r.logprobs
         if batch.num_sequences == 0:
             return {}
-        refs = [self.learners.submit_rollout_forward(r, self.recompute_old_logprobs, self.learner_reference)]
+        # One optimizer step over the batch: its own forward is pi_old, the learner's pass would repeat it.
+        from_update = self.recompute_old_logprobs and old_logprobs_from_update(self.cfg, batch.num_sequences)
+        refs = [self.learners.submit_rollout_forward(r, self.recompute_old_logprobs and not from_update,
+                                                     self.learner_reference)]
         if self.pools.reference is not None:
             refs.append(self.pools.reference.logprobs.remote(r))
         learned, *ref = ray.get(refs)
         batch.values = learned["values"]
         batch.ref_logprobs = ref[0] if ref else learned["ref_logprobs"]
+        if from_update:
+            batch.old_logprobs, batch.old_from_update = None, True      # the update logs the sampler's gap
+            return {}
         if learned["old_logprobs"] is None:
             return {}
         batch.old_logprobs = learned["old_logprobs"]

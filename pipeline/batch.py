@@ -43,6 +43,8 @@ class TrainBatch:
     # --- filled by the reference / values stage and the advantage stage
     old_logprobs: Optional[torch.Tensor] = None   # (N, T) float32 log pi_old(token): the learner's when it
                                                   # recomputes them (algorithm.old_logprobs), else the sampler's
+    old_from_update: bool = False                 # pi_old is the update's own forward, detached (one optimizer
+                                                  # step over the batch; old_logprobs is then None)
     ref_logprobs: Optional[torch.Tensor] = None   # (N, T) float32 log pi_ref(token)
     values: Optional[torch.Tensor] = None         # (N, T) float32 critic value before each token
     advantages: Optional[torch.Tensor] = None     # (N, T) float32

@@ -148,8 +148,11 @@ class AlgorithmConfig:
     kl_in_reward: bool = F(False, "True: subtract kl_coef*KL from the per-token reward (InstructGPT, OpenRLHF); "
                            "False: add kl_coef*KL to the loss (GRPO).")
     old_logprobs: str = F("auto", "pi_old of the importance ratio: `sampler` = the generators' log-probs; `learner` = "
-                          "one no-grad learner forward before the update (verl, OpenRLHF), so the first ratio is "
-                          "exactly 1 in any dtype; `auto` = learner when model.dtype is not float32 or the generation "
+                          "the learner's forward before the update (verl, OpenRLHF), so the first ratio is "
+                          "exactly 1 in any dtype: a no-grad pass of its own, or, when the update is one optimizer "
+                          "step over the whole batch (learner.epochs 1, minibatch_size >= the batch, no KL in the "
+                          "reward), the update's own forward detached, which is the same numbers for one pass "
+                          "less (verl's on-policy case); `auto` = learner when model.dtype is not float32 or the generation "
                           "backend is not `hf` (an engine's numerics differ from the learner's), else sampler.",
                           choices=("auto", "sampler", "learner"))
     tis_cap: Optional[float] = F(None, "Truncated importance sampling: with pi_old recomputed by the learner, weight "
@@ -492,6 +495,15 @@ def _check_reward_model_entry(i: int, entry: Any) -> None:
         raise ConfigError(f"reward.models[{i}].batch_size: {entry['batch_size']} must be >= 1")
     if entry.get("dtype", "float32") not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"reward.models[{i}].dtype: {entry['dtype']!r} is not one of float32, bfloat16, float16")
+
+
+def old_logprobs_from_update(cfg: RunConfig, batch_size: int) -> bool:
+    """Whether a learner-computed pi_old can be the update's own forward, detached: the update is one optimizer
+    step over all `batch_size` rows, so its forward runs on the parameters pi_old is defined by, and nothing
+    needs pi_old before the update (the KL-in-reward term does)."""
+    lc, a = cfg.learner, cfg.algorithm
+    return (learner_old_logprobs(cfg) and lc.epochs == 1 and batch_size <= lc.minibatch_size
+            and not (a.kl_in_reward and a.kl_coef > 0))
 
 
 def learner_old_logprobs(cfg: RunConfig) -> bool:

@@ -240,6 +240,36 @@ def test_recomputed_pi_old_makes_the_first_ratio_one(bpe_task):
     assert gap > 1e-4                                 # the fp32 sampler's pi_old would have been off
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_pi_old_from_the_updates_own_forward_trains_as_the_separate_pass(bpe_task, dtype):
+    """One optimizer step over the whole batch: the update's forward, detached, is the learner's pi_old, so the
+    driver skips the separate pass. Same loss, importance weights, gradient and parameters as with the pass."""
+    from pipeline.config import old_logprobs_from_update
+
+    cfg = bpe_config(bpe_task, f"model.dtype={dtype}", "algorithm.old_logprobs=learner", "algorithm.tis_cap=1.5",
+                     "learner.lr=1e-3")
+    batch = scored_batch(cfg)
+    assert old_logprobs_from_update(cfg, batch.num_sequences)
+    with_pass, from_update = PolicyLearner(cfg), PolicyLearner(cfg)
+    separate = dataclasses.replace(batch, old_logprobs=with_pass.rollout_forward(batch.rollout, old_logprobs=True)
+                                   ["old_logprobs"])
+    fused = dataclasses.replace(batch, old_logprobs=None, old_from_update=True)
+    a, b = update(with_pass, separate), update(from_update, fused)
+    for key in ("policy/loss", "policy/tis_weight_mean", "policy/approx_kl", "optim/grad_norm"):
+        assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), key
+    assert 0 < b["policy/sampler_logprob_gap"] < (1e-6 if dtype == "float32" else 0.1)
+    for (name, p), q in zip(with_pass.policy.model.named_parameters(), from_update.policy.model.parameters()):
+        assert (p - q).abs().max() < 1e-6, name
+    # Two epochs, or several minibatches, step between the forwards: the separate pass is needed, and refused.
+    assert not old_logprobs_from_update(dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, epochs=2)),
+                                        batch.num_sequences)
+    assert not old_logprobs_from_update(cfg, cfg.learner.minibatch_size + 1)
+    assert not old_logprobs_from_update(bpe_config(bpe_task, "algorithm.old_logprobs=sampler"), batch.num_sequences)
+    two = PolicyLearner(dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, epochs=2)))
+    with pytest.raises(RuntimeError, match="one optimizer step"):
+        update(two, dataclasses.replace(batch, old_logprobs=None, old_from_update=True))
+
+
 def test_old_logprobs_auto_recomputes_exactly_when_the_dtype_is_not_float32(bpe_task):
     from pipeline.config import learner_old_logprobs
 

@@ -174,6 +174,9 @@ class PolicyLearner(GroupMember):
         lr = lc.lr * lr_factor(self.version, lc.warmup_steps)
         self.policy.set_lr(lr)
         n, mask = batch.num_sequences, r.completion_mask
+        if batch.old_from_update and (lc.epochs != 1 or n > lc.minibatch_size):
+            raise RuntimeError(f"pi_old from the update's own forward needs one optimizer step over the batch; "
+                               f"learner.epochs={lc.epochs}, minibatch_size={lc.minibatch_size}, {n} rows")
         gen = torch.Generator().manual_seed(derive_seed(self.cfg.train.seed, self.version))
         # Every rank reports the same names (it takes part in the sum below even with no rows of its own).
         sums = {k: 0.0 for k in self._stat_names(batch)}
@@ -200,6 +203,8 @@ class PolicyLearner(GroupMember):
             names.append("policy/kl")
         if self.cfg.algorithm.tis_cap:
             names += ["policy/tis_weight_mean", "policy/tis_truncated_frac"]
+        if batch.old_from_update:
+            names.append("policy/sampler_logprob_gap")
         if self.value_head is not None or self.critic is not None:
             names += ["value/loss", "value/clip_frac"]
         if self.critic is not None:
@@ -236,13 +241,16 @@ class PolicyLearner(GroupMember):
         `weight`. The entropy term enters the graph only with a coefficient: 0 * NaN would still be NaN, and
         its (n, T, V) softmax would be kept for the backward pass for nothing."""
         a, d, r = self.cfg.algorithm, self.device, batch.rollout
-        mask = r.completion_mask[rows].to(d)
-        old = (batch.old_logprobs if batch.old_logprobs is not None else r.logprobs)[rows].to(d)
+        mask, sampler = r.completion_mask[rows].to(d), r.logprobs[rows].to(d)
         with self.policy.autocast():
             out = self._forward(r, rows, want_entropy=True, entropy_grad=a.entropy_coef > 0,
                                 want_hidden=self.value_head is not None)
         logprobs = out["logprobs"]
-        tis = truncated_importance_weights(old, r.logprobs[rows].to(d), a.tis_cap) if a.tis_cap else None
+        if batch.old_from_update:       # the parameters of this one step are pi_old's: its own forward, detached
+            old = logprobs.detach().float()
+        else:
+            old = (batch.old_logprobs if batch.old_logprobs is not None else r.logprobs)[rows].to(d)
+        tis = truncated_importance_weights(old, sampler, a.tis_cap) if a.tis_cap else None
         pg_loss, pg = clipped_policy_loss(logprobs, old, batch.advantages[rows].to(d), mask, a.clip_range,
                                           clip_range_high=a.clip_range_high, dual_clip=a.dual_clip,
                                           agg=a.loss_agg, norm=self.norm, token_weights=tis)
@@ -250,6 +258,8 @@ class PolicyLearner(GroupMember):
         loss = pg_loss - a.entropy_coef * entropy if a.entropy_coef > 0 else pg_loss
         stats = {"policy/loss": pg_loss.item(), "policy/entropy": entropy.item(),
                  "policy/clip_frac": pg["clip_frac"], "policy/approx_kl": pg["approx_kl"]}
+        if batch.old_from_update:
+            stats["policy/sampler_logprob_gap"] = masked_mean((old - sampler).abs(), mask).item()
         if tis is not None:
             stats["policy/tis_weight_mean"] = masked_mean(tis, mask).item()
             stats["policy/tis_truncated_frac"] = masked_mean((tis >= a.tis_cap).float(), mask).item()
