@@ -2,10 +2,11 @@
 
 Each mode trains the demo's GRPO preset from the same warm start for the same wall time, the generator and
 the learner on separate CPU shares (one core each, one torch thread each), through the real `rlpipe train`
-loop. pi_old is recomputed by the learner, with importance weights truncated at --tis-cap, in every mode
-(asynchronous training needs it); "0-sampler" adds the synchronous loop as the preset runs it, with the
-sampler's log-probs as pi_old and no recompute. Reported per mode: steps, samples/s over the training steps (evaluation excluded), median step time,
-held-out exact match against the run's seconds (evaluated about every --eval-every-s seconds; the run's
+loop. pi_old is the learner's (the preset's one optimizer step per batch takes it from the update's own
+forward), with importance weights truncated at --tis-cap, in every mode (asynchronous training needs it);
+"0-sampler" adds the synchronous loop as the preset runs it, with the sampler's log-probs as pi_old.
+Reported per mode: steps, samples/s over the training steps (evaluation excluded), median step time, held-out
+exact match against the run's seconds (evaluated about every --eval-every-s seconds; the run's
 clock, and its budget, include the evaluations, alike for every mode) and its best.
 Modes run one after another, in the order given, --repeats times in rotation, so a slow spell of the
 machine hits every mode alike.
@@ -31,7 +32,7 @@ NAMES = {"0": "synchronous", "0-sampler": "synchronous, pi_old from the sampler"
 
 
 def run_mode(mode: str, args) -> dict:
-    """mode: a staleness ("0", "1", ...), pi_old recomputed by the learner with truncated importance weights
+    """mode: a staleness ("0", "1", ...), pi_old from the learner with truncated importance weights
     in every one; or "0-sampler", the synchronous loop as the preset runs it (pi_old = the sampler's)."""
     from actors.run import run_training
     from pipeline.config import load_config
