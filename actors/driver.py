@@ -191,7 +191,7 @@ class Trainer:
         if batch.num_sequences == 0:
             return {}
         # One optimizer step over the batch: its own forward is pi_old, the learner's pass would repeat it.
-        from_update = self.recompute_old_logprobs and old_logprobs_from_update(self.cfg, batch.num_sequences)
+        from_update = old_logprobs_from_update(self.cfg, batch.num_sequences)
         refs = [self.learners.submit_rollout_forward(r, self.recompute_old_logprobs and not from_update,
                                                      self.learner_reference)]
         if self.pools.reference is not None:

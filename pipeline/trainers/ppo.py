@@ -31,7 +31,7 @@ from pipeline.algorithms.core import (aggregate_loss, clipped_policy_loss, clipp
                                       masked_mean, shard_weight, truncated_importance_weights)
 from pipeline.batch import Rollout, TrainBatch
 from pipeline.collective import DP_GROUP, SYNC_GROUP, GroupMember, send_weights
-from pipeline.config import RunConfig, learner_reference, learners_sharded
+from pipeline.config import RunConfig, learner_reference, learners_sharded, old_logprobs_from_update
 from pipeline.engine import TrainEngine, held_parameters, lr_factor, shard_model
 from pipeline.models import (ValueModel, completion_forward, left_padded_positions, load_causal_lm,
                              new_value_head, values_from_hidden)
@@ -174,7 +174,7 @@ class PolicyLearner(GroupMember):
         lr = lc.lr * lr_factor(self.version, lc.warmup_steps)
         self.policy.set_lr(lr)
         n, mask = batch.num_sequences, r.completion_mask
-        if batch.old_from_update and (lc.epochs != 1 or n > lc.minibatch_size):
+        if batch.old_from_update and not old_logprobs_from_update(self.cfg, n):
             raise RuntimeError(f"pi_old from the update's own forward needs one optimizer step over the batch; "
                                f"learner.epochs={lc.epochs}, minibatch_size={lc.minibatch_size}, {n} rows")
         gen = torch.Generator().manual_seed(derive_seed(self.cfg.train.seed, self.version))
