@@ -124,12 +124,17 @@ def cmd_eval(args) -> int:
 def cmd_demo(args) -> int:
     from actors.demo import run_demo, run_preference_demo
 
+    # A steps budget alone has no time limit; with neither, the default minutes.
+    def minutes(given, steps, default):
+        return given if given is not None else (None if steps else default)
+
     if args.task == "preference":
-        run_preference_demo(args.out or "runs/preference", ppo_minutes=args.rl_minutes or 12.0,
-                            seed=args.seed or 0)
+        run_preference_demo(args.out or "runs/preference", ppo_minutes=minutes(args.rl_minutes, args.rl_steps, 12.0),
+                            ppo_steps=args.rl_steps, seed=args.seed or 0)
     else:
-        run_demo(args.out or "runs/demo", algos=args.algos.split(","), rl_minutes=args.rl_minutes or 10.0,
-                 sft_minutes=args.sft_minutes, seed=args.seed)
+        run_demo(args.out or "runs/demo", algos=args.algos.split(","),
+                 rl_minutes=minutes(args.rl_minutes, args.rl_steps, 10.0), rl_steps=args.rl_steps,
+                 sft_minutes=minutes(args.sft_minutes, args.sft_steps, 10.0), sft_steps=args.sft_steps, seed=args.seed)
     return 0
 
 
@@ -205,11 +210,15 @@ def build_parser(extra_commands: Optional[dict[str, Callable]] = None) -> argpar
     p.add_argument("--out", default=None, help="demo folder (default runs/demo, runs/preference)")
     p.add_argument("--algos", default="grpo,ppo", help="comma-separated presets to train (default grpo,ppo)")
     p.add_argument("--rl-minutes", type=float, default=None,
-                   help="RL time budget per algorithm (default 10; the preference demo's PPO 12)")
+                   help="RL time budget per algorithm (default 10, the preference demo's PPO 12, unless --rl-steps)")
+    p.add_argument("--rl-steps", type=int, default=None,
+                   help="RL steps per algorithm: the same run on any machine, where minutes buy ~2.5x more or fewer "
+                   "steps by machine (with --rl-minutes too, whichever ends first)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of data, models and training (default: arithmetic 1, the measured one; preference 0)")
-    p.add_argument("--sft-minutes", type=float, default=10.0,
-                   help="continued supervised training for the baseline; 0 skips it (default 10)")
+    p.add_argument("--sft-minutes", type=float, default=None,
+                   help="continued supervised training for the baseline; 0 skips it (default 10, unless --sft-steps)")
+    p.add_argument("--sft-steps", type=int, default=None, help="the baseline's budget in supervised steps")
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("config", help="print the resolved config, or the field reference with --doc")
     p.add_argument("--config", "-c", help="YAML file or preset name")

@@ -18,8 +18,23 @@ def demo_tracking_uri(out: str) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath(out)}/mlflow.db"
 
 
-def run_demo(out: str = "runs/demo", algos: tuple | list = ("grpo", "ppo"), rl_minutes: float = 10.0,
-             sft_minutes: float = 10.0, seed: int | None = None) -> dict:
+def rl_budget(minutes: float | None, steps: int | None) -> list[str]:
+    """Config overrides of an RL stage's budget: `steps` (the same run on any machine) and/or `minutes` (what a
+    run costs here; steps per minute vary ~2.5x between machines of the same type). With steps alone the run
+    has no time limit."""
+    if steps is None and minutes is None:
+        raise ValueError("an RL budget needs minutes or steps")
+    return ([] if steps is None else [f"train.steps={steps}"]) + \
+        [f"train.time_budget_s={'null' if minutes is None else minutes * 60}"]
+
+
+def _budget_text(minutes: float | None, steps: int | None) -> str:
+    return " and at most ".join(x for x in (steps and f"{steps} steps", minutes and f"{minutes:g} minutes") if x)
+
+
+def run_demo(out: str = "runs/demo", algos: tuple | list = ("grpo", "ppo"), rl_minutes: float | None = 10.0,
+             sft_minutes: float | None = 10.0, seed: int | None = None, rl_steps: int | None = None,
+             sft_steps: int | None = None) -> dict:
     from actors.run import run_training
     from pipeline.demo.warmstart import DEMO_SEED, run_warmstart, supervised_baseline
     from pipeline.plots import plot_comparison
@@ -37,20 +52,22 @@ def run_demo(out: str = "runs/demo", algos: tuple | list = ("grpo", "ppo"), rl_m
         warm = run_warmstart(out, seed=seed)
     plateau = warm["plateau_accuracy"]
     uri = demo_tracking_uri(out)
-    results: dict = {"warm_start_plateau": plateau, "rl": {}, "rl_minutes": rl_minutes, "sft_minutes": sft_minutes}
+    results: dict = {"warm_start_plateau": plateau, "rl": {}, "rl_minutes": rl_minutes, "rl_steps": rl_steps,
+                     "sft_minutes": sft_minutes, "sft_steps": sft_steps}
     curves = {}
     for algo in algos:
-        print(f"\n=== {algo}: {rl_minutes:g} minutes of RL from the warm start ===")
+        print(f"\n=== {algo}: {_budget_text(rl_minutes, rl_steps)} of RL from the warm start ===")
         cfg = load_config(algo, [f"model.path={warm_dir}", f"data.train_path={data_dir}/train.parquet",
                                  f"data.eval_path={data_dir}/eval.parquet", f"train.output_dir={out}/{algo}",
-                                 f"train.time_budget_s={rl_minutes * 60}", f"train.seed={seed}",
+                                 *rl_budget(rl_minutes, rl_steps), f"train.seed={seed}",
                                  f"tracking.tracking_uri={uri}", f"tracking.run_name=demo-{algo}"])
         summary = run_training(cfg, overwrite=True)
         results["rl"][algo] = summary
         curves[algo] = summary["accuracy_curve_s"]
-    if sft_minutes > 0:
-        print(f"\n=== baseline: {sft_minutes:g} more minutes of supervised training on the labelled split ===")
-        sft = supervised_baseline(warm_dir, data_dir, sft_minutes, seed=seed)
+    if sft_minutes != 0 and (sft_minutes or sft_steps):       # --sft-minutes 0 skips the baseline
+        print(f"\n=== baseline: {_budget_text(sft_minutes, sft_steps)} more of supervised training on the labelled "
+              "split ===")
+        sft = supervised_baseline(warm_dir, data_dir, sft_minutes, max_steps=sft_steps, seed=seed)
         results["sft"] = {k: sft[k] for k in ("start_accuracy", "final_accuracy", "best_accuracy", "steps")}
         curves["supervised"] = [(s, a) for _, s, a in sft["curve"]]
     _report(results)
@@ -75,11 +92,11 @@ def _report(results: dict) -> None:
     print("\n" + "=" * 72)
     print(f"warm start plateau (supervised, early-stopped):   {plateau:6.1%}")
     if sft is not None:
-        print(f"+ {results['sft_minutes']:g} min more supervised training:            {sft:6.1%}")
+        print(f"+ {results['sft']['steps']:>6} more supervised steps:                   {sft:6.1%}")
     for algo, r in results["rl"].items():
         gain = (r["final_accuracy"] - plateau) * 100
         verdict = "meets" if gain >= 15 and (sft is None or r["final_accuracy"] > sft) else "MISSES"
-        print(f"{algo:>5} after {r['elapsed_s'] / 60:4.1f} min of RL:                   {r['final_accuracy']:6.1%}"
+        print(f"{algo:>5} after {r['steps']:>5} RL steps ({r['elapsed_s'] / 60:4.1f} min):      {r['final_accuracy']:6.1%}"
               f"  ({gain:+.1f} points; {verdict} the +15-point, beat-SFT target)")
     print("=" * 72)
 
@@ -90,9 +107,9 @@ TRUE_SCORE_FN = "pipeline.demo.preference:true_score"
 REWARD_MODELS = 3     # PPO's reward: the mean of this many reward models (seeds seed, seed + 1000, ...)
 
 
-def run_preference_demo(out: str = "runs/preference", ppo_minutes: float = 12.0, seed: int = 0,
+def run_preference_demo(out: str = "runs/preference", ppo_minutes: float | None = 12.0, seed: int = 0,
                         sft_steps: int = 400, rm_steps: int = 1500, n_pairs: int = 6000,
-                        reward_models: int = REWARD_MODELS) -> dict:
+                        reward_models: int = REWARD_MODELS, ppo_steps: int | None = None) -> dict:
     """DeepSpeed-Chat's three steps on a task whose judge the pipeline never trains on
     (`pipeline.demo.preference`): SFT on mediocre demonstrations, a reward model on noisy preference pairs,
     PPO against the reward model (the mean of `reward_models` trained from different seeds: an ensemble, whose
@@ -131,7 +148,7 @@ def run_preference_demo(out: str = "runs/preference", ppo_minutes: float = 12.0,
     rm_dirs = [rm["model_dir"] for rm in rms]
     prompts = pq.read_table(paths["eval"]).column("prompt").to_pylist()
     before = measure_policy(sft["model_dir"], sft["model_dir"], rm_dirs, prompts, seed=seed)
-    print(f"\n=== 3/3 PPO against the reward model, {ppo_minutes:g} minutes ===")
+    print(f"\n=== 3/3 PPO against the reward model, {_budget_text(ppo_minutes, ppo_steps)} ===")
     uri = demo_tracking_uri(out)
     cfg = load_config("ppo", [
         f"model.path={sft['model_dir']}", f"model.critic_path={rm_dirs[0]}",
@@ -145,7 +162,7 @@ def run_preference_demo(out: str = "runs/preference", ppo_minutes: float = 12.0,
         # reward model), it held the true score at ~0.50 for 400 steps, where 5e-4 reached 0.84 in 300.
         "learner.lr=5e-4",
         "resources.cpus_per_rollout_worker=0.5",          # the reference takes 0.25 of the 2 CPUs
-        f"train.output_dir={out}/ppo", f"train.time_budget_s={ppo_minutes * 60}", f"train.seed={seed}",
+        f"train.output_dir={out}/ppo", *rl_budget(ppo_minutes, ppo_steps), f"train.seed={seed}",
         f"tracking.tracking_uri={uri}", "tracking.run_name=preference-ppo"])
     ppo = run_training(cfg, overwrite=True)
     after = measure_policy(ppo["final_model"], sft["model_dir"], rm_dirs, prompts, seed=seed)

@@ -6,6 +6,7 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.config import load_config
 from pipeline.demo.preference import MAX_LEN, make_preference_task, true_score
 
 
@@ -40,13 +41,26 @@ def test_preference_demo_end_to_end_on_a_small_budget(tmp_path, capsys):
     from actors.demo import run_preference_demo
 
     out = tmp_path / "pref"
-    results = run_preference_demo(str(out), ppo_minutes=0.5, sft_steps=100, rm_steps=200, n_pairs=1000,
-                                  reward_models=2)
+    results = run_preference_demo(str(out), ppo_minutes=None, ppo_steps=6, sft_steps=100, rm_steps=200,
+                                  n_pairs=1000, reward_models=2)
     printed = capsys.readouterr().out
     assert "held-out pairwise accuracy" in printed and "true score" in printed
     saved = json.loads((out / "preference_results.json").read_text())
     assert saved["sft"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-6)      # the SFT policy against itself
-    assert saved["ppo"]["kl_to_sft"] > 0 and results["ppo_steps"] > 0
+    assert saved["ppo"]["kl_to_sft"] > 0 and results["ppo_steps"] == 6        # a steps budget: the same run anywhere
+    assert "PPO against the reward model, 6 steps ===" in printed
     assert 0.5 < saved["reward_model_accuracy"] <= 1.0 and saved["noise_ceiling"] == 0.85
     assert len(saved["reward_model_accuracies"]) == 2 and (out / "reward_model_2" / "model").is_dir()
     assert os.path.getsize(out / "preference_scores.png") > 10_000
+
+
+def test_a_demo_budget_in_steps_has_no_time_limit_and_minutes_cap_either_way():
+    from actors.demo import rl_budget
+
+    assert load_config("ppo", rl_budget(None, 40)).train.steps == 40
+    assert load_config("ppo", rl_budget(None, 40)).train.time_budget_s is None
+    both = load_config("grpo", rl_budget(2.5, 40)).train
+    assert (both.steps, both.time_budget_s) == (40, 150.0)
+    assert load_config("grpo", rl_budget(10, None)).train.time_budget_s == 600.0
+    with pytest.raises(ValueError, match="minutes or steps"):
+        rl_budget(None, None)

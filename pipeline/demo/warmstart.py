@@ -129,11 +129,11 @@ def run_warmstart(out_dir, *, digits: int = DEMO_DIGITS, n_labelled: int = DEMO_
 
 
 @_demo_threads
-def supervised_baseline(model_dir, data_dir, minutes: float, *, lr: float = 0.1 * DEMO_LR,
-                        batch_size: int = DEMO_BATCH, eval_every: int = 100, seed: int = 1,
-                        log: Callable[[str], None] = print) -> dict:
+def supervised_baseline(model_dir, data_dir, minutes: float | None, *, max_steps: int | None = None,
+                        lr: float = 0.1 * DEMO_LR, batch_size: int = DEMO_BATCH, eval_every: int = 100,
+                        seed: int = 1, log: Callable[[str], None] = print) -> dict:
     """Continue SFT from `model_dir` on the SAME labelled split (data_dir/labelled.parquet) for
-    `minutes` of wall-clock, no early stop, scoring data_dir/eval.parquet every `eval_every` steps.
+    `minutes` of wall-clock and/or `max_steps` steps (whichever ends first), no early stop, scoring data_dir/eval.parquet every `eval_every` steps.
     This is the "train longer on the labels" comparison RL must beat. The default lr is where the warm
     start's cosine schedule ended (10% of its peak): continuing at the peak first undoes the plateau.
     Returns {"start_accuracy", "final_accuracy", "best_accuracy", "curve", "steps", "seconds"}."""
@@ -143,7 +143,8 @@ def supervised_baseline(model_dir, data_dir, minutes: float, *, lr: float = 0.1 
     prompts, answers = _read_split(Path(data_dir) / "labelled.parquet")
     eval_prompts, eval_answers = _read_split(Path(data_dir) / "eval.parquet")
     result = supervised_finetune(model, tokenizer, prompts, answers, eval_prompts, eval_answers,
-                                 lr=lr, batch_size=batch_size, time_budget_s=60.0 * minutes,
+                                 lr=lr, batch_size=batch_size, max_steps=max_steps,
+                                 time_budget_s=None if minutes is None else 60.0 * minutes,
                                  eval_every=eval_every, seed=seed, log=log)
     result["start_accuracy"] = result["curve"][0][2]
     log(f"continued SFT: {100 * result['start_accuracy']:.1f}% -> {100 * result['final_accuracy']:.1f}% "
