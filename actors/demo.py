@@ -96,7 +96,8 @@ def _report(results: dict) -> None:
     for algo, r in results["rl"].items():
         gain = (r["final_accuracy"] - plateau) * 100
         verdict = "meets" if gain >= 15 and (sft is None or r["final_accuracy"] > sft) else "MISSES"
-        print(f"{algo:>5} after {r['steps']:>5} RL steps ({r['elapsed_s'] / 60:4.1f} min):      {r['final_accuracy']:6.1%}"
+        print(f"{algo:>5} after {r['steps']:>5} RL steps ({r['elapsed_s'] / 60:4.1f} min):      "
+              f"{r['final_accuracy']:6.1%}"
               f"  ({gain:+.1f} points; {verdict} the +15-point, beat-SFT target)")
     print("=" * 72)
 

@@ -133,7 +133,8 @@ def supervised_baseline(model_dir, data_dir, minutes: float | None, *, max_steps
                         lr: float = 0.1 * DEMO_LR, batch_size: int = DEMO_BATCH, eval_every: int = 100,
                         seed: int = 1, log: Callable[[str], None] = print) -> dict:
     """Continue SFT from `model_dir` on the SAME labelled split (data_dir/labelled.parquet) for
-    `minutes` of wall-clock and/or `max_steps` steps (whichever ends first), no early stop, scoring data_dir/eval.parquet every `eval_every` steps.
+    `minutes` of wall-clock and/or `max_steps` steps (whichever ends first), no early stop, scoring
+    data_dir/eval.parquet every `eval_every` steps.
     This is the "train longer on the labels" comparison RL must beat. The default lr is where the warm
     start's cosine schedule ended (10% of its peak): continuing at the peak first undoes the plateau.
     Returns {"start_accuracy", "final_accuracy", "best_accuracy", "curve", "steps", "seconds"}."""
