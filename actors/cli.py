@@ -55,8 +55,9 @@ def add_config_flags(p: argparse.ArgumentParser, cls) -> None:
         default = f.default if f.default is not dataclasses.MISSING else None
         shown = "" if default in (None, "") else f" (default {default})"
         choices = f" One of: {', '.join(f.metadata['choices'])}." if f.metadata.get("choices") else ""
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, metavar="VALUE"
-                       if f.type not in ("bool", bool) else "true|false", help=(f.metadata["doc"] + choices + shown).replace("%", "%%"))
+        metavar = "VALUE" if f.type not in ("bool", bool) else "true|false"
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, metavar=metavar,
+                       help=(f.metadata["doc"] + choices + shown).replace("%", "%%"))
 
 
 def config_from_args(cls, args, settings_name: str):
@@ -122,19 +123,17 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from actors.demo import run_demo, run_preference_demo
-
-    # A steps budget alone has no time limit; with neither, the default minutes.
-    def minutes(given, steps, default):
-        return given if given is not None else (None if steps else default)
+    from actors.demo import RL_STEPS, SFT_STEPS, given_or_default, run_demo, run_preference_demo
 
     if args.task == "preference":
-        run_preference_demo(args.out or "runs/preference", ppo_minutes=minutes(args.rl_minutes, args.rl_steps, 12.0),
+        given = args.rl_minutes is not None or args.rl_steps is not None
+        run_preference_demo(args.out or "runs/preference", ppo_minutes=args.rl_minutes if given else 12.0,
                             ppo_steps=args.rl_steps, seed=args.seed or 0)
     else:
-        run_demo(args.out or "runs/demo", algos=args.algos.split(","),
-                 rl_minutes=minutes(args.rl_minutes, args.rl_steps, 10.0), rl_steps=args.rl_steps,
-                 sft_minutes=minutes(args.sft_minutes, args.sft_steps, 10.0), sft_steps=args.sft_steps, seed=args.seed)
+        rl_minutes, rl_steps = given_or_default(args.rl_minutes, args.rl_steps, RL_STEPS)
+        sft_minutes, sft_steps = given_or_default(args.sft_minutes, args.sft_steps, SFT_STEPS)
+        run_demo(args.out or "runs/demo", algos=args.algos.split(","), rl_minutes=rl_minutes, rl_steps=rl_steps,
+                 sft_minutes=sft_minutes, sft_steps=sft_steps, seed=args.seed)
     return 0
 
 
@@ -173,7 +172,8 @@ def build_parser(extra_commands: Optional[dict[str, Callable]] = None) -> argpar
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("warmstart", help="build the demo task, a small model, and fine-tune it supervised")
     p.add_argument("--out", default="runs/demo", help="folder for data/, init/, warm/ (default runs/demo)")
-    p.add_argument("--seed", type=int, default=None, help="seed of data, init and training (default: the demo's measured seed)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of data, init and training (default: the demo's measured seed)")
     p.set_defaults(fn=cmd_warmstart)
     p = sub.add_parser("init-model", help="a new small model whose tokenizer covers your data (offline)")
     p.add_argument("--data", required=True, nargs="+", help="Parquet / JSON-lines files whose text the tokenizer "
@@ -210,15 +210,18 @@ def build_parser(extra_commands: Optional[dict[str, Callable]] = None) -> argpar
     p.add_argument("--out", default=None, help="demo folder (default runs/demo, runs/preference)")
     p.add_argument("--algos", default="grpo,ppo", help="comma-separated presets to train (default grpo,ppo)")
     p.add_argument("--rl-minutes", type=float, default=None,
-                   help="RL time budget per algorithm (default 10, the preference demo's PPO 12, unless --rl-steps)")
+                   help="RL time budget per algorithm instead of the default steps (the preference demo's PPO: "
+                   "default 12)")
     p.add_argument("--rl-steps", type=int, default=None,
-                   help="RL steps per algorithm: the same run on any machine, where minutes buy ~2.5x more or fewer "
-                   "steps by machine (with --rl-minutes too, whichever ends first)")
+                   help="RL steps per algorithm (arithmetic default 500): the same run on any machine, where minutes "
+                   "buy ~2.5x more or fewer steps by machine (with --rl-minutes too, whichever ends first)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of data, models and training (default: arithmetic 1, the measured one; preference 0)")
     p.add_argument("--sft-minutes", type=float, default=None,
-                   help="continued supervised training for the baseline; 0 skips it (default 10, unless --sft-steps)")
-    p.add_argument("--sft-steps", type=int, default=None, help="the baseline's budget in supervised steps")
+                   help="the baseline's continued supervised training in minutes, instead of the default steps; 0 "
+                   "skips it")
+    p.add_argument("--sft-steps", type=int, default=None,
+                   help="the baseline's budget in supervised steps (default 2000)")
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("config", help="print the resolved config, or the field reference with --doc")
     p.add_argument("--config", "-c", help="YAML file or preset name")

@@ -64,3 +64,23 @@ def test_a_demo_budget_in_steps_has_no_time_limit_and_minutes_cap_either_way():
     assert load_config("grpo", rl_budget(10, None)).train.time_budget_s == 600.0
     with pytest.raises(ValueError, match="minutes or steps"):
         rl_budget(None, None)
+
+
+def test_the_arithmetic_demo_defaults_to_steps_and_a_given_budget_replaces_the_default_whole():
+    from actors.demo import RL_STEPS, given_or_default
+
+    assert given_or_default(None, None, RL_STEPS) == (None, 500)
+    assert given_or_default(10.0, None, RL_STEPS) == (10.0, None)     # minutes alone: no step cap
+    assert given_or_default(None, 40, RL_STEPS) == (None, 40)
+    assert given_or_default(0, None, 2000) == (0, None)                # --sft-minutes 0 skips the baseline
+
+
+def test_the_demo_claim_rl_above_supervised_with_the_eval_noise_by_hand():
+    from actors.demo import above_supervised
+
+    # 0.964 vs 0.956 on 500 prompts: 2 * sqrt((0.964 * 0.036 + 0.956 * 0.044) / 500) = 0.02478
+    holds, noise = above_supervised(0.964, 0.956, 500)
+    assert holds and noise == pytest.approx(2.478, abs=1e-3)
+    # 0.85 vs 0.678: 2 * sqrt((0.1275 + 0.218316) / 500) = 0.05259
+    assert above_supervised(0.85, 0.678, 500) == (True, pytest.approx(5.259, abs=1e-3))
+    assert above_supervised(0.5, 0.5, 500)[0] is False and above_supervised(0.49, 0.5, 500)[0] is False
