@@ -123,12 +123,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from actors.demo import RL_STEPS, SFT_STEPS, given_or_default, run_demo, run_preference_demo
+    from actors.demo import PREFERENCE_PPO_STEPS, RL_STEPS, SFT_STEPS, given_or_default, run_demo, run_preference_demo
 
     if args.task == "preference":
-        given = args.rl_minutes is not None or args.rl_steps is not None
-        run_preference_demo(args.out or "runs/preference", ppo_minutes=args.rl_minutes if given else 12.0,
-                            ppo_steps=args.rl_steps, seed=args.seed or 0)
+        ppo_minutes, ppo_steps = given_or_default(args.rl_minutes, args.rl_steps, PREFERENCE_PPO_STEPS)
+        run_preference_demo(args.out or "runs/preference", ppo_minutes=ppo_minutes, ppo_steps=ppo_steps,
+                            seed=args.seed or 0)
     else:
         rl_minutes, rl_steps = given_or_default(args.rl_minutes, args.rl_steps, RL_STEPS)
         sft_minutes, sft_steps = given_or_default(args.sft_minutes, args.sft_steps, SFT_STEPS)
@@ -210,11 +210,11 @@ def build_parser(extra_commands: Optional[dict[str, Callable]] = None) -> argpar
     p.add_argument("--out", default=None, help="demo folder (default runs/demo, runs/preference)")
     p.add_argument("--algos", default="grpo,ppo", help="comma-separated presets to train (default grpo,ppo)")
     p.add_argument("--rl-minutes", type=float, default=None,
-                   help="RL time budget per algorithm instead of the default steps (the preference demo's PPO: "
-                   "default 12)")
+                   help="RL time budget per algorithm instead of the default steps")
     p.add_argument("--rl-steps", type=int, default=None,
-                   help="RL steps per algorithm (arithmetic default 500): the same run on any machine, where minutes "
-                   "buy ~2.5x more or fewer steps by machine (with --rl-minutes too, whichever ends first)")
+                   help="RL steps per algorithm (default 500; the preference demo's PPO 200): the same run on any "
+                   "machine, where minutes buy ~2.5x more or fewer steps by machine (with --rl-minutes too, "
+                   "whichever ends first)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of data, models and training (default: arithmetic 1, the measured one; preference 0)")
     p.add_argument("--sft-minutes", type=float, default=None,

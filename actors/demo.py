@@ -133,11 +133,12 @@ def _report(results: dict) -> None:
 
 TRUE_SCORE_FN = "pipeline.demo.preference:true_score"
 REWARD_MODELS = 3     # PPO's reward: the mean of this many reward models (seeds seed, seed + 1000, ...)
+PREFERENCE_PPO_STEPS = 200
 
 
-def run_preference_demo(out: str = "runs/preference", ppo_minutes: float | None = 12.0, seed: int = 0,
-                        sft_steps: int = 400, rm_steps: int = 1500, n_pairs: int = 6000,
-                        reward_models: int = REWARD_MODELS, ppo_steps: int | None = None) -> dict:
+def run_preference_demo(out: str = "runs/preference", ppo_minutes: float | None = None, seed: int = 0,
+                        sft_steps: int = 1200, rm_steps: int = 1500, n_pairs: int = 6000,
+                        reward_models: int = REWARD_MODELS, ppo_steps: int | None = PREFERENCE_PPO_STEPS) -> dict:
     """DeepSpeed-Chat's three steps on a task whose judge the pipeline never trains on
     (`pipeline.demo.preference`): SFT on mediocre demonstrations, a reward model on noisy preference pairs,
     PPO against the reward model (the mean of `reward_models` trained from different seeds: an ensemble, whose
