@@ -48,6 +48,8 @@ def _budget_text(minutes: float | None, steps: int | None) -> str:
 def run_demo(out: str = "runs/demo", algos: tuple | list = ("grpo", "ppo"), rl_minutes: float | None = None,
              sft_minutes: float | None = None, seed: int | None = None, rl_steps: int | None = RL_STEPS,
              sft_steps: int | None = SFT_STEPS) -> dict:
+    import pyarrow.parquet as pq
+
     from actors.run import run_training
     from pipeline.demo.warmstart import DEMO_SEED, run_warmstart, supervised_baseline
     from pipeline.plots import plot_comparison
@@ -65,8 +67,6 @@ def run_demo(out: str = "runs/demo", algos: tuple | list = ("grpo", "ppo"), rl_m
         warm = run_warmstart(out, seed=seed)
     plateau = warm["plateau_accuracy"]
     uri = demo_tracking_uri(out)
-    import pyarrow.parquet as pq
-
     results: dict = {"warm_start_plateau": plateau, "rl": {}, "rl_minutes": rl_minutes, "rl_steps": rl_steps,
                      "sft_minutes": sft_minutes, "sft_steps": sft_steps,
                      "eval_prompts": pq.read_metadata(f"{data_dir}/eval.parquet").num_rows}

@@ -36,7 +36,6 @@ def test_init_model_without_template_has_only_the_data_characters(tmp_path):
     assert info["chars"] == ">abcdefgh" and info["vocab_size"] == 4 + 9
 
 
-@pytest.mark.slow
 def test_demonstrations_are_better_than_chance_so_sft_can_learn_to_look_at_the_prompt(tmp_path):
     """Each demonstration letter is one of the prompt's with a probability uniform in [0.4, 1] per response:
     0.7 on average, where chance (4 of 8 letters) is 0.5 and an SFT policy learns nothing from the prompt."""
@@ -46,6 +45,7 @@ def test_demonstrations_are_better_than_chance_so_sft_can_learn_to_look_at_the_p
     assert 0.68 < sum(inside) / len(inside) < 0.72 and all(4 <= len(d["response"]) <= MAX_LEN for d in demos)
 
 
+@pytest.mark.slow
 def test_preference_demo_end_to_end_on_a_small_budget(tmp_path, capsys):
     from actors.demo import run_preference_demo
 
