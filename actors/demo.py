@@ -133,25 +133,25 @@ def _report(results: dict) -> None:
 
 TRUE_SCORE_FN = "pipeline.demo.preference:true_score"
 REWARD_MODELS = 3     # PPO's reward: the mean of this many reward models (seeds seed, seed + 1000, ...)
-PREFERENCE_PPO_STEPS = 200
+PREFERENCE_PPO_STEPS = 150
 
 
 def run_preference_demo(out: str = "runs/preference", ppo_minutes: float | None = None, seed: int = 0,
-                        sft_steps: int = 1200, rm_steps: int = 1500, n_pairs: int = 6000,
+                        sft_steps: int = 1200, rm_steps: int = 800, n_pairs: int = 6000,
                         reward_models: int = REWARD_MODELS, ppo_steps: int | None = PREFERENCE_PPO_STEPS) -> dict:
     """DeepSpeed-Chat's three steps on a task whose judge the pipeline never trains on
     (`pipeline.demo.preference`): SFT on mediocre demonstrations, a reward model on noisy preference pairs,
     PPO against the reward model (the mean of `reward_models` trained from different seeds: an ensemble, whose
     members' idiosyncratic errors PPO cannot exploit together) with a k1 KL penalty to the SFT policy and the
-    critic started from the first reward model. Prints each reward model's held-out accuracy against the noise
-    ceiling and, before and after PPO, the true score, the ensemble's score and the KL to the SFT policy; writes
+    critic started from the first reward model. Prints the ensemble's and each member's held-out pairwise
+    accuracy against the noise ceiling and, before and after PPO, the true score, the ensemble's score and the KL to the SFT policy; writes
     `<out>/preference_results.json` and `<out>/preference_scores.png` (true and reward-model score per step:
     a rising reward-model score over a falling true score is reward hacking)."""
     import mlflow
     import pyarrow.parquet as pq
 
     from actors.run import run_training
-    from pipeline.demo.preference import make_preference_task, measure_policy
+    from pipeline.demo.preference import ensemble_accuracy, make_preference_task, measure_policy
     from pipeline.plots import plot_comparison
     from pipeline.supervised_runs import RewardModelConfig, SFTConfig, run_reward_model, run_sft
     from pipeline.task_model import init_model
@@ -175,6 +175,7 @@ def run_preference_demo(out: str = "runs/preference", ppo_minutes: float | None 
             max_steps=rm_steps, warmup_steps=50, eval_every=100, patience=None, seed=seed + 1000 * k),
             overwrite=True))
     rm_dirs = [rm["model_dir"] for rm in rms]
+    ensemble = ensemble_accuracy(rm_dirs, paths["pairs_eval"])
     prompts = pq.read_table(paths["eval"]).column("prompt").to_pylist()
     before = measure_policy(sft["model_dir"], sft["model_dir"], rm_dirs, prompts, seed=seed)
     print(f"\n=== 3/3 PPO against the reward model, {_budget_text(ppo_minutes, ppo_steps)} ===")
@@ -205,7 +206,7 @@ def run_preference_demo(out: str = "runs/preference", ppo_minutes: float | None 
               "reward model score" + (" (ensemble mean)" if len(rm_dirs) > 1 else ""):
               [(step, sum(m[step] for m in members) / len(members)) for step in sorted(members[0])]}
     accuracies = [rm["kept_metrics"]["eval/accuracy"] for rm in rms]
-    results = {"reward_model_accuracy": min(accuracies), "reward_model_accuracies": accuracies,
+    results = {"reward_model_accuracy": ensemble, "reward_model_accuracies": accuracies,
                "noise_ceiling": 1 - flip,
                "sft": {k: v for k, v in before.items() if k != "examples"},
                "ppo": {k: v for k, v in after.items() if k != "examples"}, "ppo_steps": ppo["steps"],
@@ -224,10 +225,10 @@ def _report_preference(r: dict) -> None:
     s, p = r["sft"], r["ppo"]
     target = s["true_score"] + 0.5 * (1.0 - s["true_score"])
     print("\n" + "=" * 72)
-    each = ", ".join(f"{a:.1%}" for a in r["reward_model_accuracies"])
-    print(f"reward model{'s' if len(r['reward_model_accuracies']) > 1 else ''}, held-out pairwise accuracy: {each} "
-          f"(noise ceiling {ceiling:.0%}; {'meets' if acc >= 0.9 * ceiling else 'MISSES'} the 90%-of-ceiling "
-          f"target, {0.9 * ceiling:.1%})")
+    members = r["reward_model_accuracies"]
+    what = f" (ensemble of {len(members)}; each {', '.join(f'{a:.1%}' for a in members)})" if len(members) > 1 else ""
+    print(f"reward model{what}, held-out pairwise accuracy: {acc:.1%} (noise ceiling {ceiling:.0%}; "
+          f"{'meets' if acc >= 0.9 * ceiling else 'MISSES'} the 90%-of-ceiling target, {0.9 * ceiling:.1%})")
     print(f"{'':24}{'true score':>12}{'reward model':>14}{'KL to SFT':>11}")
     for name, m in (("SFT policy", s), (f"after PPO ({r['ppo_steps']} steps)", p)):
         print(f"{name:24}{m['true_score']:12.3f}{m['reward_model_score']:14.3f}{m['kl_to_sft']:11.3f}")

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config
-from pipeline.demo.preference import MAX_LEN, make_preference_task, true_score
+from pipeline.demo.preference import MAX_LEN, ensemble_accuracy, make_preference_task, true_score
 
 
 @pytest.mark.unit
@@ -60,6 +60,9 @@ def test_preference_demo_end_to_end_on_a_small_budget(tmp_path, capsys):
     assert "PPO against the reward model, 6 steps ===" in printed
     assert 0.5 < saved["reward_model_accuracy"] <= 1.0 and saved["noise_ceiling"] == 0.85
     assert len(saved["reward_model_accuracies"]) == 2 and (out / "reward_model_2" / "model").is_dir()
+    # Scored the way PPO's scorers score, one model's held-out accuracy is its training run's.
+    assert ensemble_accuracy([out / "reward_model" / "model"], out / "data" / "pairs_eval.parquet") == \
+        pytest.approx(saved["reward_model_accuracies"][0], abs=1e-6)
     assert os.path.getsize(out / "preference_scores.png") > 10_000
 
 

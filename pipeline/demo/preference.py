@@ -129,4 +129,22 @@ def measure_policy(policy_dir, reference_dir, reward_model_dirs, prompts: list[s
             "examples": [(p, c) for p, c in zip(repeated[:8:samples], completions[:8:samples])]}
 
 
-__all__ = ["LETTERS", "MAX_LEN", "true_score", "make_preference_task", "measure_policy"]
+def ensemble_accuracy(reward_model_dirs, pairs_path) -> float:
+    """Held-out pairwise accuracy of the mean of the reward models' scores (the reward PPO is given) on the
+    pairs file `pairs_path` (prompt, chosen, rejected): one model's is its training run's eval/accuracy."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from pipeline.algorithms.preference import pairwise_accuracy
+    from pipeline.reward_models import RewardModelFunction
+
+    pairs = pq.read_table(pairs_path, columns=["prompt", "chosen", "rejected"]).to_pydict()
+    chosen, rejected = torch.zeros(len(pairs["prompt"])), torch.zeros(len(pairs["prompt"]))
+    for d in reward_model_dirs:
+        score = RewardModelFunction(str(d))
+        chosen += torch.tensor(score(pairs["prompt"], pairs["chosen"]))
+        rejected += torch.tensor(score(pairs["prompt"], pairs["rejected"]))
+    return pairwise_accuracy(chosen, rejected)
+
+
+__all__ = ["LETTERS", "MAX_LEN", "true_score", "make_preference_task", "measure_policy", "ensemble_accuracy"]
