@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 from pipeline.config import load_config
 
@@ -144,9 +145,10 @@ def run_preference_demo(out: str = "runs/preference", ppo_minutes: float | None 
     PPO against the reward model (the mean of `reward_models` trained from different seeds: an ensemble, whose
     members' idiosyncratic errors PPO cannot exploit together) with a k1 KL penalty to the SFT policy and the
     critic started from the first reward model. Prints the ensemble's and each member's held-out pairwise
-    accuracy against the noise ceiling and, before and after PPO, the true score, the ensemble's score and the KL to the SFT policy; writes
-    `<out>/preference_results.json` and `<out>/preference_scores.png` (true and reward-model score per step:
-    a rising reward-model score over a falling true score is reward hacking)."""
+    accuracy against the noise ceiling; before and after PPO, the true score, the ensemble's score and the KL to
+    the SFT policy; the minutes of each step. Writes `<out>/preference_results.json` and
+    `<out>/preference_scores.png` (true and reward-model score per step: a rising reward-model score over a
+    falling true score is reward hacking)."""
     import mlflow
     import pyarrow.parquet as pq
 
@@ -156,7 +158,7 @@ def run_preference_demo(out: str = "runs/preference", ppo_minutes: float | None 
     from pipeline.supervised_runs import RewardModelConfig, SFTConfig, run_reward_model, run_sft
     from pipeline.task_model import init_model
 
-    flip = 0.15
+    flip, marks = 0.15, [time.monotonic()]           # wall clock at the start and at the end of each step
     paths = make_preference_task(os.path.join(out, "data"), flip=flip, n_pairs=n_pairs, seed=seed)
     print("=== 1/3 supervised fine-tuning on the demonstrations ===")
     # The task's characters only: letters no demonstration or pair holds would be scored by the reward model
@@ -165,6 +167,7 @@ def run_preference_demo(out: str = "runs/preference", ppo_minutes: float | None 
     sft = run_sft(SFTConfig(model=init["path"], data=paths["demos"], out=os.path.join(out, "sft"), eval_size=200,
                             lr=3e-3, batch_size=64, max_steps=sft_steps, eval_every=100, patience=None, seed=seed),
                   overwrite=True)
+    marks.append(time.monotonic())
     rms = []
     for k in range(reward_models):
         print(f"\n=== 2/3 reward model {k + 1} of {reward_models} on the preference pairs (Bradley-Terry, SFT "
@@ -176,6 +179,7 @@ def run_preference_demo(out: str = "runs/preference", ppo_minutes: float | None 
             overwrite=True))
     rm_dirs = [rm["model_dir"] for rm in rms]
     ensemble = ensemble_accuracy(rm_dirs, paths["pairs_eval"])
+    marks.append(time.monotonic())
     prompts = pq.read_table(paths["eval"]).column("prompt").to_pylist()
     before = measure_policy(sft["model_dir"], sft["model_dir"], rm_dirs, prompts, seed=seed)
     print(f"\n=== 3/3 PPO against the reward model, {_budget_text(ppo_minutes, ppo_steps)} ===")
@@ -196,6 +200,7 @@ def run_preference_demo(out: str = "runs/preference", ppo_minutes: float | None 
         f"tracking.tracking_uri={uri}", "tracking.run_name=preference-ppo"])
     ppo = run_training(cfg, overwrite=True)
     after = measure_policy(ppo["final_model"], sft["model_dir"], rm_dirs, prompts, seed=seed)
+    marks.append(time.monotonic())
     client = mlflow.MlflowClient(uri)
 
     def curve(key: str) -> dict[int, float]:
@@ -206,10 +211,13 @@ def run_preference_demo(out: str = "runs/preference", ppo_minutes: float | None 
               "reward model score" + (" (ensemble mean)" if len(rm_dirs) > 1 else ""):
               [(step, sum(m[step] for m in members) / len(members)) for step in sorted(members[0])]}
     accuracies = [rm["kept_metrics"]["eval/accuracy"] for rm in rms]
+    minutes = {step: (end - start) / 60 for step, start, end in zip(("sft", "reward_models", "ppo"), marks, marks[1:])}
+    minutes["total"] = (marks[-1] - marks[0]) / 60
     results = {"reward_model_accuracy": ensemble, "reward_model_accuracies": accuracies,
                "noise_ceiling": 1 - flip,
                "sft": {k: v for k, v in before.items() if k != "examples"},
                "ppo": {k: v for k, v in after.items() if k != "examples"}, "ppo_steps": ppo["steps"],
+               "minutes": minutes,
                "examples": {"sft": before["examples"], "ppo": after["examples"]}}
     with open(os.path.join(out, "preference_results.json"), "w") as fh:
         json.dump(results, fh, indent=2)
@@ -237,4 +245,7 @@ def _report_preference(r: dict) -> None:
           f"{target:.3f})")
     if p["reward_model_score"] > s["reward_model_score"] and p["true_score"] < s["true_score"]:
         print("REWARD HACKING: the reward model's score rose while the true score fell")
+    m = r["minutes"]
+    print(f"{m['total']:.1f} minutes: SFT {m['sft']:.1f}, reward models {m['reward_models']:.1f}, PPO {m['ppo']:.1f} "
+          "(with the measurements before and after)")
     print("=" * 72)

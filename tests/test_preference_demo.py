@@ -64,6 +64,9 @@ def test_preference_demo_end_to_end_on_a_small_budget(tmp_path, capsys):
     assert ensemble_accuracy([out / "reward_model" / "model"], out / "data" / "pairs_eval.parquet") == \
         pytest.approx(saved["reward_model_accuracies"][0], abs=1e-6)
     assert os.path.getsize(out / "preference_scores.png") > 10_000
+    m = saved["minutes"]
+    assert m["sft"] > 0 and m["sft"] + m["reward_models"] + m["ppo"] == pytest.approx(m["total"])
+    assert "minutes: SFT" in printed
 
 
 def test_a_demo_budget_in_steps_has_no_time_limit_and_minutes_cap_either_way():
