@@ -228,10 +228,16 @@ def run_preference_demo(out: str = "runs/preference", ppo_minutes: float | None 
     return results
 
 
+def half_way_target(sft_true_score: float) -> float:
+    """The preference demo's target for PPO: half the distance from the SFT policy's true score to the maximum,
+    1.0."""
+    return sft_true_score + 0.5 * (1.0 - sft_true_score)
+
+
 def _report_preference(r: dict) -> None:
     acc, ceiling = r["reward_model_accuracy"], r["noise_ceiling"]
     s, p = r["sft"], r["ppo"]
-    target = s["true_score"] + 0.5 * (1.0 - s["true_score"])
+    target = half_way_target(s["true_score"])
     print("\n" + "=" * 72)
     members = r["reward_model_accuracies"]
     what = f" (ensemble of {len(members)}; each {', '.join(f'{a:.1%}' for a in members)})" if len(members) > 1 else ""

@@ -39,17 +39,19 @@ def removed(warm: float, acc: float) -> str:
 
 
 def table(rows: list[dict], algos: list[str]) -> str:
+    from pipeline.plots import markdown_table
+
     head = ["seed", "warm start", "+ supervised"] + [f"+ {a.upper()}" for a in algos] + \
         [f"{a.upper()} minus supervised (noise)" for a in algos] + \
         ["remaining errors removed: " + " / ".join(["supervised"] + [a.upper() for a in algos])]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = []
     for r in rows:
-        cells = [str(r["seed"]), f"{r['warm start']:.1%}", f"{r['supervised']:.1%}"]
+        cells = [r["seed"], f"{r['warm start']:.1%}", f"{r['supervised']:.1%}"]
         cells += [f"{r[a]:.1%} (best {r[f'{a} best']:.1%})" for a in algos]
         cells += ["{:+.1f} (+-{:.1f})".format(*r[f"{a} - supervised"][:2]) for a in algos]
         cells.append(" / ".join(removed(r["warm start"], r[k]) for k in ["supervised", *algos]))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        lines.append(cells)
+    return markdown_table(head, lines)
 
 
 def main() -> int:

@@ -1,4 +1,4 @@
-"""Training curves as PNG files, drawn off-screen.
+"""Training curves as PNG files, drawn off-screen; result tables as markdown.
 
 Uses `matplotlib.figure.Figure` with the Agg canvas directly rather than pyplot, so no global backend
 or figure state is touched (safe inside Ray workers and tests, and nothing leaks between calls).
@@ -29,6 +29,12 @@ def _save(fig, out_png: str | os.PathLike) -> str:
 
 def _no_data(ax, what: str) -> None:
     ax.text(0.5, 0.5, f"no {what} logged", ha="center", va="center", transform=ax.transAxes, color="gray")
+
+
+def markdown_table(head: list[str], rows: list[list]) -> str:
+    """A markdown table: the header row, the separator, one line per row (cells shown with str)."""
+    lines = ["| " + " | ".join(map(str, cells)) + " |" for cells in [head, *rows]]
+    return "\n".join([lines[0], "|" + "---|" * len(head), *lines[1:]])
 
 
 def plot_training_curves(

@@ -12,7 +12,7 @@ import torch
 from pipeline import checkpoint as ckpt
 from pipeline.checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng,
                                  save_checkpoint, save_hf_model)
-from pipeline.plots import plot_comparison, plot_training_curves
+from pipeline.plots import markdown_table, plot_comparison, plot_training_curves
 from pipeline.tracking import ConsoleLog, Tracker, default_tracking_uri, flatten_config, format_duration
 
 pytestmark = pytest.mark.unit
@@ -302,3 +302,8 @@ def test_plots_write_pngs(tmp_path):
     for path in (curves, compare, empty):
         data = Path(path).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_markdown_table_by_hand():
+    assert markdown_table(["seed", "score"], [[0, "0.5"], [1, 0.75]]) == \
+        "| seed | score |\n|---|---|\n| 0 | 0.5 |\n| 1 | 0.75 |"

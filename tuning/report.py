@@ -16,6 +16,7 @@ import os
 
 from ray.tune import Callback
 
+from pipeline.plots import markdown_table
 from tuning.trainable import SUMMARY_FILE
 
 STATUS_TAG = "rlpipe.trial_status"
@@ -123,10 +124,8 @@ def _write_tables(rows: list[dict], sweep_dir: str) -> tuple[str, str]:
         writer.writeheader()
         writer.writerows(rows)
     shown = [c for c in columns if c not in ("mlflow_run_id", "run_dir")]
-    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    lines += ["| " + " | ".join(_fmt(row.get(c)) for c in shown) + " |" for row in rows]
     with open(md_path, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
+        fh.write(markdown_table(shown, [[_fmt(row.get(c)) for c in shown] for row in rows]) + "\n")
     return csv_path, md_path
 
 
