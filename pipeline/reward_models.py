@@ -4,10 +4,13 @@ serve them. Both go through `encode_for_reward`, so a model scores exactly the l
 
 Two input layouts, chosen from the backbone and saved in the folder's config (`rlpipe_reward_input`):
 - `decoder` (a causal LM's trunk, as DeepSpeed-Chat and OpenRLHF build reward models from the SFT model): the
-  prompt as generation sees it (`PromptFormat`), then the response and EOS, right-padded; HF's sequence
-  classifier reads the score at the last non-pad token;
-- `pair` (an encoder such as BERT / MiniLM): the tokenizer's pair encoding, [CLS] prompt [SEP] response [SEP];
-  the score comes from the pooled [CLS].
+  prompt as generation sees it (`PromptFormat`), then the response and EOS; the score is read at the last
+  real token by the attention mask (the EOS), with position ids from the mask, so a row scores the same
+  alone or in any padded batch, padded left or right. HF's own classifier pooling is not used: it reads the
+  last position whose id is not `config.pad_token_id`, which ignores the mask, lands on padding when the
+  config's pad id is not the tokenizer's, and skips the EOS when pad == eos (GPT-2, Llama-3, Qwen);
+- `pair` (an encoder such as BERT / MiniLM): the tokenizer's pair encoding, [CLS] prompt [SEP] response [SEP]
+  with its token type ids (segment B on the response), right-padded; the score comes from the pooled [CLS].
 A conversation prompt is rendered by the chat template where the tokenizer has one, else as "role: content"
 lines.
 """
@@ -50,36 +53,65 @@ def _prompt_text(tokenizer, prompt) -> str:
 
 
 def encode_for_reward(tokenizer, prompts: Sequence, responses: Sequence[str], layout: str,
-                      max_length: Optional[int] = None) -> list[list[int]]:
-    """Token ids per (prompt, response) in `layout` (unpadded); longer than `max_length`: the last
-    `max_length` tokens for `decoder` (the response is what is judged), the pair tokenizer's truncation of
-    the prompt first for `pair`."""
+                      max_length: Optional[int] = None) -> list[dict[str, list[int]]]:
+    """One row per (prompt, response) in `layout`, unpadded: {"input_ids"} and, for `pair` where the
+    tokenizer makes them, {"token_type_ids"}. Longer than `max_length`: the last `max_length` tokens for
+    `decoder` (the response is what is judged), the pair tokenizer's truncation of the prompt first for `pair`."""
     if layout == "pair":
         texts = [_prompt_text(tokenizer, p) for p in prompts]
         kwargs = dict(truncation="only_first", max_length=max_length) if max_length else {}
         encoded = tokenizer(texts, [str(r) for r in responses], **kwargs)
-        return [list(ids) for ids in encoded["input_ids"]]
+        keys = [k for k in ("input_ids", "token_type_ids") if k in encoded]
+        return [{k: list(encoded[k][i]) for k in keys} for i in range(len(texts))]
     prompt_ids, _ = PromptFormat(tokenizer).token_ids(
         [p if is_conversation(p) else str(p) for p in prompts])
     response_ids = tokenizer([str(r) for r in responses], add_special_tokens=False)["input_ids"]
     rows = [list(p) + list(r) + [tokenizer.eos_token_id] for p, r in zip(prompt_ids, response_ids)]
-    return [row[-max_length:] if max_length else row for row in rows]
+    return [{"input_ids": row[-max_length:] if max_length else row} for row in rows]
 
 
-def pad_right(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> dict[str, torch.Tensor]:
-    """Rows of ids -> {"input_ids" (n, L) right-padded, "attention_mask" (n, L)}."""
-    L = max(len(r) for r in rows)
-    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), L), dtype=torch.long)
+def pad_right(rows: Sequence[dict[str, Sequence[int]]], pad_id: int, device=None) -> dict[str, torch.Tensor]:
+    """Rows from `encode_for_reward` -> {"input_ids" (n, L) right-padded with pad_id, "attention_mask" (n, L),
+    and "token_type_ids" (n, L) padded with 0 when the rows carry them}."""
+    L = max(len(r["input_ids"]) for r in rows)
+    keys = [k for k in rows[0] if k != "input_ids"]
+    out = {"input_ids": torch.full((len(rows), L), pad_id, dtype=torch.long),
+           "attention_mask": torch.zeros((len(rows), L), dtype=torch.long),
+           **{k: torch.zeros((len(rows), L), dtype=torch.long) for k in keys}}
     for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(list(r), dtype=torch.long)
-        mask[i, :len(r)] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        n = len(r["input_ids"])
+        out["input_ids"][i, :n] = torch.tensor(list(r["input_ids"]), dtype=torch.long)
+        out["attention_mask"][i, :n] = 1
+        for k in keys:
+            out[k][i, :n] = torch.tensor(list(r[k]), dtype=torch.long)
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def last_real_token(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(n, L) mask -> (n,) long index of each row's last real token, for left and right padding alike."""
+    L = attention_mask.shape[1]
+    return L - 1 - attention_mask.long().flip(-1).argmax(-1)
 
 
 def reward_scores(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(n,) float32 scores of a padded batch (see `pad_right`)."""
-    return model(**batch).logits[:, 0].float()
+    """(n,) float32 scores of a padded batch (`pad_right`, or left-padded), independent of the batch's other rows.
+
+    `pair`: the classifier's pooled [CLS] (right padding keeps it first). `decoder`: the head's per-position
+    scores are taken from inside the one forward (a hook on `score`, so a wrapped or sharded model runs its
+    own forward as usual) and read at the last real token by the mask."""
+    if getattr(model, "reward_layout", "decoder") == "pair":
+        return model(**batch).logits[:, 0].float()
+    from pipeline.models import left_padded_positions
+
+    captured = {}
+    handle = model.score.register_forward_hook(lambda module, args, out: captured.__setitem__("scores", out))
+    try:
+        model(**batch, position_ids=left_padded_positions(batch["attention_mask"]))
+    finally:
+        handle.remove()
+    scores = captured["scores"][..., 0]                                      # (n, L): a score per position
+    last = last_real_token(batch["attention_mask"]).to(scores.device)
+    return scores.gather(1, last.unsqueeze(1)).squeeze(1).float()
 
 
 def build_reward_model(backbone: str, tokenizer, dtype: str = "float32", disable_dropout: bool = True):
@@ -119,14 +151,17 @@ def _load_sequence_classifier(path, tokenizer, dtype, disable_dropout):
     zeroed = zero_dropout(config) if disable_dropout else {}
     config.num_labels = 1
     setattr(config, INPUT_FIELD, layout)
-    if config.pad_token_id is None:
-        config.pad_token_id = tokenizer.pad_token_id
+    config.pad_token_id = tokenizer.pad_token_id     # HF's pooling (unused by `reward_scores`) agrees with ours
     try:
         with load_report_silenced():   # "score.weight newly initialised" is what a new reward model is
             model = AutoModelForSequenceClassification.from_pretrained(check_model_path(path), config=config,
                                                                        dtype=DTYPES[dtype])
     except Exception as err:
         raise _load_error("reward model", path, err) from None
+    if layout == "decoder" and not isinstance(getattr(model, "score", None), torch.nn.Module):
+        raise ModelLoadError(f"reward model {path!r}: {type(model).__name__} has no per-position `score` head to read "
+                             "at the last real token; use a decoder family with one (Llama, Qwen2, Mistral, GPT-2, "
+                             "...) or an encoder (pair layout)")
     if disable_dropout:
         _no_dropout_modules(model)
     model.zeroed_dropout = zeroed
@@ -159,5 +194,6 @@ class RewardModelFunction:
         return scores
 
 
-__all__ = ["RewardModelFunction", "check_reward_model", "INPUT_FIELD", "LAYOUTS", "backbone_layout", "encode_for_reward", "pad_right", "reward_scores",
+__all__ = ["RewardModelFunction", "check_reward_model", "INPUT_FIELD", "LAYOUTS", "backbone_layout", "encode_for_reward", "pad_right",
+           "last_real_token", "reward_scores",
            "build_reward_model", "load_reward_model"]

@@ -52,6 +52,52 @@ def test_bradley_terry_loss_by_hand():
     assert pairwise_accuracy(torch.tensor([2.0, 1.0, 0.5]), torch.tensor([1.0, 1.0, 0.7])) == pytest.approx(1 / 3)
 
 
+@pytest.mark.unit
+@pytest.mark.parametrize("backbone", ["llama_pad_differs", "bpe_pad_is_eos", "minilm"])
+def test_a_score_alone_equals_its_score_in_any_padded_batch(tmp_path, backbone):
+    """Read at the last real token by the mask: a row's score does not move with the other rows of its batch
+    (shorter and longer ones, padded right and, for decoders, left), even when the config's pad id is not the
+    tokenizer's (the classifier's own pooling then read padding) or pad == eos (it then skipped the EOS)."""
+    from pipeline.models import load_tokenizer
+    from pipeline.reward_models import build_reward_model, encode_for_reward, pad_right, reward_scores
+    from pipeline.small_models import build_bpe_model, build_tiny_model
+
+    if backbone == "minilm":
+        path = minilm_path()
+    elif backbone == "bpe_pad_is_eos":
+        path = build_bpe_model(str(tmp_path / "bpe"), arch="llama", hidden_size=64, num_layers=2, num_heads=2,
+                               max_positions=64, seed=0)
+    else:
+        path = build_tiny_model(str(tmp_path / "tiny"), hidden_size=32, num_layers=2, num_heads=2,
+                                intermediate_size=64, seed=0)
+        config = json.loads(Path(path, "config.json").read_text())
+        config["pad_token_id"] = 3                                   # not the tokenizer's pad id (0)
+        Path(path, "config.json").write_text(json.dumps(config))
+    tokenizer = load_tokenizer(path)
+    torch.manual_seed(0)
+    model = build_reward_model(path, tokenizer).eval()
+    head = model.classifier if backbone == "minilm" else model.score
+    torch.nn.init.normal_(head.weight)
+    prompts, responses = ["1+2=", "1+2=", "12+34="], ["3", "3 4 5 6 7 8 9", "46"]
+    rows = encode_for_reward(tokenizer, prompts, responses, model.reward_layout)
+    if backbone == "minilm":
+        assert set(rows[0]) == {"input_ids", "token_type_ids"} and rows[0]["token_type_ids"][-1] == 1
+    sides = ["right"] if backbone == "minilm" else ["right", "left"]    # an encoder's [CLS] must come first
+    with torch.no_grad():
+        alone = torch.cat([reward_scores(model, pad_right([r], tokenizer.pad_token_id)) for r in rows])
+        for side in sides:
+            batch = pad_right(rows, tokenizer.pad_token_id)
+            if side == "left":                                          # each row's padding moved to its front
+                shift = (batch["attention_mask"] == 0).sum(1)
+                batch = {k: torch.stack([v[i].roll(int(shift[i])) for i in range(len(v))]) for k, v in batch.items()}
+            torch.testing.assert_close(reward_scores(model, batch), alone, rtol=0, atol=1e-5)
+        if backbone == "bpe_pad_is_eos":                               # the score is the EOS position's
+            full = pad_right(rows[:1], tokenizer.pad_token_id)
+            per_position = model.score(model.model(**full).last_hidden_state)[0, :, 0]
+            assert full["input_ids"][0, -1] == tokenizer.eos_token_id
+            assert alone[0].item() == pytest.approx(per_position[-1].item(), abs=1e-5)
+
+
 def test_reward_model_on_pretrained_minilm_ranks_unseen_words(tmp_path):
     """A real pretrained encoder as the backbone: pairs over 8 words per category train it; held-out pairs use
     the 4 words it never saw, which only a backbone that knows the words can rank."""

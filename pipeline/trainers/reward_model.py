@@ -55,7 +55,8 @@ class RewardModelTrainer(EngineTrainer):
         engine = self.engine
         engine.set_lr(self.lr * lr_factor(self.step_count, self.warmup_steps, self.decay_steps))
         mine = self.my_rows(index)
-        length = 2 * max((len(self.train[side][i]) for side in ("chosen", "rejected") for i in mine), default=0)
+        length = 2 * max((len(self.train[side][i]["input_ids"]) for side in ("chosen", "rejected")
+                          for i in mine), default=0)
         loss_sum = 0.0
         for part in engine.micro_batches(mine, length):   # pair-mean over the whole minibatch = sum of shares
             weight = len(part) / len(index)
