@@ -378,6 +378,30 @@ def test_rloo_by_hand():
     assert torch.equal(single, torch.zeros(1, 4))
 
 
+def test_kl_in_reward_keeps_its_scale_in_group_estimators():
+    """GRPO normalises the task score per group, then adds the KL penalty's return-to-go (OpenRLHF's order):
+    a group of equal task scores gets only the penalty, scaled by kl_coef, not a KL divided by its own std."""
+    mask = torch.tensor([[T_, T_], [T_, F_]])
+    scores = place_sequence_reward(torch.tensor([0.0, 0.0]), mask)     # an all-wrong group
+    kl = torch.tensor([[0.2, 0.4], [0.6, 9.0]])                        # the masked 9.0 must not count
+    for coef in (1e-4, 1.0):
+        inp = AdvantageInputs(scores, mask, torch.tensor([0, 0]), token_penalty=-coef * kl * mask)
+        adv, _ = compute_advantages("grpo", inp)
+        # normalised score 0 for both; return-to-go of -coef*kl: row 0 [-(0.2+0.4), -0.4], row 1 [-0.6, 0]
+        close(adv, [[-0.6 * coef, -0.4 * coef], [-0.6 * coef, 0.0]], atol=1e-7)
+    # scores [1, 0]: normalised [1/sqrt(2), -1/sqrt(2)] (std sqrt(1/2)), then the penalty's return-to-go
+    inp = AdvantageInputs(place_sequence_reward(torch.tensor([1.0, 0.0]), mask), mask, torch.tensor([0, 0]),
+                          token_penalty=-0.5 * kl * mask, gamma=0.5)
+    adv, _ = compute_advantages("grpo", inp)
+    a = 0.5 / math.sqrt(0.5) / (1 + 1e-6 / math.sqrt(0.5))             # (1 - 0.5) / (std + eps)
+    close(adv, [[a - 0.5 * (0.2 + 0.5 * 0.4), a - 0.5 * 0.4], [-a - 0.5 * 0.6, 0.0]])
+    # RLOO likewise; per-token estimators take the penalty into their token rewards (unchanged behaviour)
+    rloo, _ = compute_advantages("rloo", replace(inp, gamma=1.0))
+    close(rloo, [[1.0 - 0.3, 1.0 - 0.2], [-1.0 - 0.3, 0.0]])
+    plain = AdvantageInputs(inp.token_rewards + inp.token_penalty, mask, inp.group_ids, gamma=0.5)
+    close(compute_advantages("reinforce_pp", inp)[0], compute_advantages("reinforce_pp", plain)[0])
+
+
 def test_reinforce_pp_by_hand():
     rewards = torch.tensor([[0.0, 0.0, 4.0], [0.0, 2.0, 8.0]])
     mask = torch.tensor([[T_, T_, T_], [T_, T_, F_]])

@@ -120,7 +120,8 @@ def test_generator_killed_mid_stream_loses_and_duplicates_nothing(tiny_task, tmp
         "data.eval_path=null", "rollout.prompts_per_step=8", "rollout.samples_per_prompt=4",
         "rollout.max_new_tokens=32", "resources.rollout_workers=2", "resources.cpus_per_rollout_worker=0.5",
         "resources.cpus_per_learner=0.5", "resources.torch_threads=1",
-        "reward.functions=[tests.rewards_for_tests:sevens]", f"train.output_dir={tmp_path}/run", *ASYNC])
+        "reward.functions=[tests.rewards_for_tests:sevens]", f"train.output_dir={tmp_path}/run",
+        "resources.collective_timeout_s=15", *ASYNC])
     pools = start_actors(cfg)
     try:
         pools.wait_ready()
@@ -138,8 +139,31 @@ def test_generator_killed_mid_stream_loses_and_duplicates_nothing(tiny_task, tmp
         assert trainer.last_batch.rollout.sample_index.tolist() == list(range(32))
         learner_sum = ray.get(pools.learner.export_weights.remote()).checksum
         assert ray.get([g.weights_checksum.remote() for g in pools.generators]) == [learner_sum] * 2
+        # Generator 1 killed while idle and restarted before the next batch is submitted: that batch runs on
+        # the folder's initial weights, and must be regenerated, not accepted (then refused as stale).
+        os.kill(ray.get(pools.generators[1].pid.remote()), signal.SIGKILL)
+        _wait_for_new_pid(pools.generators[1], gen_pids[1])
+        resent = trainer.resent_shards
+        trained = [trainer.step() for _ in range(3)]
+        assert trainer.resent_shards > resent and trainer.version == 7
+        assert all(m["policy/staleness"] <= 1 for m in trained)
+        assert ray.get([g.weights_checksum.remote() for g in pools.generators]) == \
+            [ray.get(pools.learner.export_weights.remote()).checksum] * 2
     finally:
         pools.shutdown()
+
+
+def _wait_for_new_pid(actor, old_pid: int, timeout_s: float = 60.0) -> None:
+    from ray.exceptions import RayActorError
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if ray.get(actor.pid.remote(), timeout=timeout_s) != old_pid:
+                return
+        except RayActorError:
+            time.sleep(0.2)
+    raise AssertionError(f"actor not restarted within {timeout_s} s")
 
 
 def test_async_needs_learner_old_logprobs_and_a_truncation(tiny_task, tmp_path):

@@ -29,7 +29,7 @@ from pipeline.registry import Registry
 class AdvantageInputs:
     """What an estimator may read. Shapes use N sequences, T completion tokens."""
 
-    token_rewards: torch.Tensor             # (N, T) float, score at the last valid token, minus KL if in reward
+    token_rewards: torch.Tensor             # (N, T) float, the task score at the last valid token
     mask: torch.Tensor                      # (N, T) bool, True on completion tokens
     group_ids: torch.Tensor                 # (N,) long, prompt index; the G samples of a prompt share it
     values: Optional[torch.Tensor] = None   # (N, T) float critic value V(s_t) before each token, or None
@@ -37,6 +37,7 @@ class AdvantageInputs:
     lam: float = 1.0                        # GAE lambda: 1 -> Monte-Carlo returns minus V, 0 -> one-step TD
     scale_by_std: bool = True               # GRPO: divide by the group std (False = Dr.GRPO)
     eps: float = 1e-6                       # added to the group std so a group of equal scores gives 0, not NaN
+    token_penalty: Optional[torch.Tensor] = None  # (N, T) float per-token reward term (-kl_coef * KL in reward)
 
 
 Estimator = Callable[[AdvantageInputs], tuple[torch.Tensor, Optional[torch.Tensor]]]
@@ -44,11 +45,23 @@ ADVANTAGE_ESTIMATORS: Registry[Estimator] = Registry("advantage estimator")
 
 
 def compute_advantages(name: str, inp: AdvantageInputs) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Run the estimator registered as `name` (unknown name -> KeyError listing the valid ones)."""
+    """Run the estimator registered as `name` (unknown name -> KeyError listing the valid ones).
+
+    A per-token penalty (the KL in the reward) joins the token rewards of the per-token estimators (GAE,
+    REINFORCE++). The group estimators compare task scores within a group and then add the penalty's
+    return-to-go, A_t = group-relative score + sum_{t' >= t} gamma^(t'-t) penalty_t' (OpenRLHF's order):
+    summed into the score first, a group of equal task scores would take its std from the KL alone and
+    normalise any kl_coef, 1e-4 or 1, to the same O(1) advantages."""
     estimator = ADVANTAGE_ESTIMATORS.get(name)
-    if ADVANTAGE_ESTIMATORS.meta(name).get("needs_critic") and inp.values is None:
+    meta = ADVANTAGE_ESTIMATORS.meta(name)
+    if meta.get("needs_critic") and inp.values is None:
         raise ValueError(f"advantage estimator {name!r} needs critic values, but inp.values is None")
-    return estimator(inp)
+    if inp.token_penalty is None:
+        return estimator(inp)
+    if meta.get("needs_groups"):
+        advantages, returns = estimator(replace(inp, token_penalty=None))
+        return advantages + discounted_returns(inp.token_penalty, inp.mask, inp.gamma), returns
+    return estimator(replace(inp, token_rewards=inp.token_rewards + inp.token_penalty, token_penalty=None))
 
 
 def place_sequence_reward(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -160,16 +173,19 @@ def rloo(inp: AdvantageInputs) -> tuple[torch.Tensor, None]:
     return _broadcast_over_tokens(per_seq, inp.mask), None
 
 
+def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Return-to-go G_t = r_t + gamma G_{t+1} over valid tokens: (N, T) float, (N, T) bool -> (N, T), 0 where
+    masked. Same backward loop over T as GAE: masked positions carry the running return through unchanged."""
+    N, T = token_rewards.shape
+    running = torch.zeros(N, dtype=token_rewards.dtype, device=token_rewards.device)  # (N,)
+    returns = torch.zeros_like(token_rewards)
+    for t in reversed(range(T)):
+        running = torch.where(mask[:, t], token_rewards[:, t] + gamma * running, running)
+        returns[:, t] = torch.where(mask[:, t], running, torch.zeros_like(running))
+    return returns
+
+
 @ADVANTAGE_ESTIMATORS.register("reinforce_pp", needs_critic=False)
 def reinforce_pp(inp: AdvantageInputs) -> tuple[torch.Tensor, None]:
-    """Discounted return-to-go G_t = r_t + gamma G_{t+1} per token, whitened over all valid tokens.
-
-    Same backward loop over T as GAE: masked positions carry the running return through unchanged.
-    """
-    N, T = inp.token_rewards.shape
-    running = torch.zeros(N, dtype=inp.token_rewards.dtype, device=inp.token_rewards.device)  # (N,)
-    returns = torch.zeros_like(inp.token_rewards)
-    for t in reversed(range(T)):
-        running = torch.where(inp.mask[:, t], inp.token_rewards[:, t] + inp.gamma * running, running)
-        returns[:, t] = running
-    return masked_whiten(returns, inp.mask), None
+    """Discounted return-to-go per token (`discounted_returns`), whitened over all valid tokens."""
+    return masked_whiten(discounted_returns(inp.token_rewards, inp.mask, inp.gamma), inp.mask), None
