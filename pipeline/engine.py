@@ -57,18 +57,28 @@ def lr_factor(step: int, warmup_steps: int, decay_steps: Optional[int] = None, f
 
 
 def shard_model(model: nn.Module, mesh, mp=None, cpu_offload: bool = False, *extra: nn.Module) -> list[nn.Module]:
-    """FSDP2 (`fully_shard`) on `model` over `mesh`: each transformer block one unit, then the root (the rest:
-    embeddings, final norm, head), then each extra module. mp: a MixedPrecisionPolicy or None (parameters
-    compute in their own dtype); cpu_offload: shards live in host memory (CPUOffloadPolicy). -> the units.
-    Frees the unsharded weights before returning."""
+    """FSDP2 (`fully_shard`) on `model` over `mesh`: each transformer block one unit, each value head (a module
+    marked `keep_float32`) one unit gathered in float32, then the root (the rest: embeddings, final norm,
+    head), then each extra module. mp: a MixedPrecisionPolicy or None (parameters compute in their own
+    dtype); cpu_offload: shards live in host memory (CPUOffloadPolicy). -> the units. Frees the unsharded
+    weights before returning.
+
+    A value head regresses returns in float32 (`values_from_hidden` feeds it float32 hidden states): under
+    the bf16 policy it would be gathered in bf16, and fail on the dtype mismatch (or, as the shared critic's
+    input is cast, give bf16 values)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    kw = {"mesh": mesh, "mp_policy": mp or MixedPrecisionPolicy(),
-          "offload_policy": CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if cpu_offload else OffloadPolicy()}
+    offload = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if cpu_offload else OffloadPolicy()
+    kw = {"mesh": mesh, "mp_policy": mp or MixedPrecisionPolicy(), "offload_policy": offload}
+    float32 = {**kw, "mp_policy": MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32,
+                                                       cast_forward_inputs=False)}
     for block in transformer_blocks(model):
         fully_shard(block, **kw)
+    for head in [m for top in (model, *extra) for m in top.modules() if getattr(m, "keep_float32", False)]:
+        fully_shard(head, **float32)
     for top in (model, *extra):
-        fully_shard(top, **kw)
+        if not isinstance(top, FSDPModule):          # an extra module that is itself a value head: done
+            fully_shard(top, **kw)
     gc.collect()                                 # the whole unsharded weights go now, not at some later sweep
     return [m for top in (model, *extra) for m in top.modules() if isinstance(m, FSDPModule)]
 

@@ -193,6 +193,7 @@ def new_value_head(hidden_size: int) -> nn.Linear:
     head = nn.Linear(hidden_size, 1, dtype=torch.float32)
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
+    head.keep_float32 = True        # sharding gathers it in float32, whatever the compute dtype (`shard_model`)
     return head
 
 

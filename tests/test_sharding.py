@@ -250,3 +250,36 @@ def test_sharded_bfloat16_gathers_in_bfloat16_and_keeps_float32_masters(tiny_tas
     assert torch.nn.functional.cosine_similarity(step, sharded_step, dim=0) > 0.9
     assert 0.8 < sharded_step.norm() / step.norm() < 1.25
     assert packet.version == 1 and set(packet.dtypes.values()) == {"bfloat16"}
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("critic", ["separate", "shared"])
+def test_sharded_bfloat16_ppo_keeps_its_value_heads_float32(tiny_task, ray_local, tmp_path, critic):
+    """The `ppo` preset sharded in bfloat16: the value head is gathered in float32 (as `values_from_hidden`
+    feeds it), so a separate critic does not fail on the dtype mismatch and a shared one gives float32 values,
+    through the rollout forward and two updates."""
+    from actors.learner_group import LearnerGroup
+    from actors.pools import connect_group
+    from actors.shells import Learner
+    from pipeline.collective import DP_GROUP
+
+    cfg = _cfg(tiny_task, tmp_path, "ppo", 2, "model.dtype=bfloat16", f"model.critic={critic}")
+    _, batch = _scored_batch(cfg)
+    learners = [Learner.options(num_cpus=0.5).remote(cfg, 1, rank, 2) for rank in range(2)]
+    group = LearnerGroup(learners, sharded=True)
+    try:
+        connect_group(DP_GROUP, learners, "gloo", timeout_s=60)
+        steps = []
+        for version in range(2):
+            forward = ray.get(group.submit_rollout_forward(batch.rollout, True))
+            assert forward["values"].dtype == torch.float32
+            batch.values, batch.rollout.policy_version = forward["values"], version
+            steps.append(group.update(batch))
+        models, _ = group.state()
+    finally:
+        for learner in learners:
+            ray.kill(learner)
+    head = models["critic"]["value_head.weight"] if critic == "separate" else models["value_head"]["weight"]
+    assert head.dtype == torch.float32 and head.abs().sum() > 0          # trained, in float32
+    assert all(torch.isfinite(torch.tensor(s["value/loss"])) for s in steps)
+    assert forward["values"].unique().numel() > 1                        # the trained head reads the tokens
