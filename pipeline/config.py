@@ -1,8 +1,9 @@
 """Typed run configuration: small dataclasses, one per concern, loaded from YAML with dotted overrides.
 
 Every field is documented exactly once, here, in its `doc` metadata; `rlpipe config --doc` renders the
-same text as the README's reference table. Validation is strict: an unknown key, a value of the wrong
-type or out of range raises one `ConfigError` naming the dotted field, the bad value and what is allowed.
+same text as the reference table in docs/configuration.md. Validation is strict: an unknown key, a value of
+the wrong type or out of range raises one `ConfigError` naming the dotted field, the bad value and what is
+allowed.
 """
 from __future__ import annotations
 
@@ -206,8 +207,9 @@ class LoraConfig:
                   "is the base without adapters, so no reference actor runs. The separate critic trains in full.",
                   lo=0)
     alpha: float = F(16.0, "Adapter scale: the update to a weight is (alpha / rank) * B @ A.", lo=0.0)
-    dropout: float = F(0.0, "Dropout on the adapter path; 0 keeps the learner's two forwards of a sample "
-                       "(pi_old, pi) comparable, as model.disable_dropout does for the base.", lo=0.0, hi=1.0)
+    dropout: float = F(0.0, "Dropout on the adapter path. RL runs refuse > 0: the learner's two forwards of a "
+                       "sample (pi_old, pi) would draw different masks, as model.disable_dropout avoids for the "
+                       "base.", lo=0.0, hi=1.0)
     target_modules: list = F(None, "Names of the modules that get adapters, e.g. [q_proj, v_proj]; [all-linear] = "
                              "every linear layer but the output layer.", factory=lambda: ["all-linear"])
 
@@ -444,6 +446,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     if ADVANTAGE_ESTIMATORS.meta(cfg.algorithm.name).get("needs_groups") and cfg.rollout.samples_per_prompt < 2:
         raise ConfigError(f"rollout.samples_per_prompt: {cfg.algorithm.name} compares samples within a group; "
                           "use 2 or more")
+    ro = cfg.rollout
+    if ro.backend == "vllm" and (ro.top_p < 1.0 or ro.top_k > 0) and ro.temperature != 1.0:
+        raise ConfigError(f"rollout.temperature: vLLM reports log-probs before temperature or after top_p/top_k "
+                          f"truncation, so with top_p={ro.top_p}, top_k={ro.top_k} at temperature {ro.temperature} "
+                          "neither is the policy the learner trains; set rollout.temperature=1, or top_p=1 and "
+                          "top_k=0, or rollout.backend=hf")
     a = cfg.algorithm
     if a.dual_clip is not None and a.dual_clip <= 1.0:
         raise ConfigError(f"algorithm.dual_clip: {a.dual_clip} must be > 1 (it bounds the loss at c * |A| for "
@@ -461,6 +469,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     if a.tis_cap is not None and not learner_old_logprobs(cfg):
         raise ConfigError("algorithm.tis_cap: importance weights pi_old / pi_sampler are 1 when pi_old is the "
                           "sampler's own log-probs; set algorithm.old_logprobs=learner, or tis_cap=null")
+    if cfg.lora.rank and cfg.lora.dropout > 0:
+        raise ConfigError(f"lora.dropout: {cfg.lora.dropout} would draw new masks in the pi_old pass and again in the "
+                          "update, so their ratio is not 1 at lr 0, and the generators get the dropout-free merge; "
+                          "set lora.dropout=0 (RL disables the model's dropout for the same reason)")
     if cfg.lora.rank and not cfg.lora.target_modules:
         raise ConfigError("lora.target_modules: empty; name the modules that get adapters, e.g. [q_proj, v_proj], "
                           "or [all-linear]")
@@ -526,7 +538,7 @@ def learners_sharded(cfg: RunConfig) -> bool:
 
 
 def config_reference_markdown() -> str:
-    """The README's config reference, generated from the one place fields are documented."""
+    """The config reference (docs/configuration.md), generated from the one place fields are documented."""
     lines = ["| field | default | what it does |", "|---|---|---|"]
     hints = typing.get_type_hints(RunConfig)
     for section in dataclasses.fields(RunConfig):

@@ -24,14 +24,17 @@ from pipeline.registry import Registry
 class GenerationBackend(Protocol):
     @classmethod
     def load(cls, model_cfg, prompt_format: PromptFormat, device: str, seed: int = 0,
-             engine_cfg=None) -> "GenerationBackend":
-        """The backend holding the policy folder `model_cfg.path` (the registry's constructor)."""
+             engine_cfg=None, sampling=None) -> "GenerationBackend":
+        """The backend holding the policy folder `model_cfg.path` (the registry's constructor). sampling: the
+        run's RolloutConfig, for an engine that must know its sampling settings when it starts."""
 
     def sample(self, prompts: list, *, max_new_tokens: int, temperature: float, top_p: float,
                top_k: int, seed: int) -> dict:
         """prompt_ids (n,P), prompt_mask, completion_ids (n,T), completion_mask, logprobs (n,T) float32 of
-        the sampled tokens under the untruncated policy at `temperature`, completions (decoded text),
-        prompt_texts (what the model was prompted with, after any chat template)."""
+        the sampled tokens under the untruncated policy at `temperature`, log softmax(logits / T), what the
+        learner computes, also when top_p / top_k truncate what is sampled from (every backend means this;
+        one that cannot must refuse the settings), completions (decoded text), prompt_texts (what the model
+        was prompted with, after any chat template)."""
 
     def greedy(self, prompts: list, *, max_new_tokens: int) -> list[str]:
         """Greedy completions as text (evaluation)."""
@@ -164,7 +167,8 @@ class HFGenerateBackend:
         self.model.generation_config = neutral_generation_config(model, tokenizer)
 
     @classmethod
-    def load(cls, model_cfg, prompt_format: PromptFormat, device: str, seed: int = 0, engine_cfg=None):
+    def load(cls, model_cfg, prompt_format: PromptFormat, device: str, seed: int = 0, engine_cfg=None,
+             sampling=None):
         """The policy folder as a torch module on `device`, in model.dtype, in eval mode."""
         from pipeline.models import load_causal_lm
 

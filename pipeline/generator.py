@@ -29,7 +29,8 @@ class RolloutGenerator(GroupMember):
         self.device = resolve_device(model_cfg.device)
         prompt_format = PromptFormat(load_tokenizer(model_cfg.path), chat_template)
         self.backend = GENERATION_BACKENDS.get(rollout_cfg.backend).load(
-            model_cfg, prompt_format, self.device, seed=derive_seed(seed, worker_index), engine_cfg=engine_cfg)
+            model_cfg, prompt_format, self.device, seed=derive_seed(seed, worker_index), engine_cfg=engine_cfg,
+            sampling=rollout_cfg)
         self.version = 0
 
     def generate(self, prompts: list, group_ids: list[int], sample_index: list[int], step: int) -> Rollout:

@@ -2,10 +2,14 @@
 
 What it does that `generate` does not: paged KV cache, continuous batching, prefix sharing of the G
 samples of a prompt, CUDA graphs on GPU. What the pipeline needs from it, and how it gets it:
-- On-policy log-probs: `logprobs_mode="processed_logprobs"` returns log-probs after temperature (and after
-  top-k/top-p truncation when those are on); the default mode returns raw logits' log-probs, wrong for RL
-  whenever T != 1. `generation_config="vllm"` keeps the model folder's sampling defaults (repetition penalty,
-  min_p, ...) out, as the `hf` backend's neutral generation config does.
+- On-policy log-probs, meaning what the `hf` backend and the learner mean: log softmax(logits / T) of the
+  sampled token, the untruncated policy at temperature T (`logprobs_mode_for`). vLLM offers log-probs
+  before temperature (`raw_logprobs`) or after temperature *and* top-k/top-p (`processed_logprobs`, the
+  truncated, renormalised distribution: log p - log(kept mass)). Untruncated sampling uses the processed
+  mode (= the policy at T); truncated sampling at T = 1 the raw mode (= the policy at T = 1); truncated
+  sampling at T != 1 has no mode that gives the policy at T and is refused (`pipeline.config.validate`).
+  `generation_config="vllm"` keeps the model folder's sampling defaults (repetition penalty, min_p, ...)
+  out, as the `hf` backend's neutral generation config does.
 - New weights in place: vLLM's `reload_weights` (layer-wise, re-runs each layer's post-load processing, so
   the CPU kernels' packed copies are rebuilt; a plain `load_weights` would leave them stale), then the prefix
   cache is cleared: KV blocks computed under the old weights must not serve the new policy.
@@ -84,12 +88,26 @@ def engine_weights(worker) -> dict[str, torch.Tensor]:
     return out
 
 
+def logprobs_mode_for(temperature: float, top_p: float, top_k: int) -> str:
+    """vLLM's `logprobs_mode` whose sampled-token log-probs are log softmax(logits / temperature), untruncated
+    (see the module docstring); ValueError where no mode gives that."""
+    if top_p >= 1.0 and top_k <= 0:
+        return "processed_logprobs"           # after temperature; nothing truncated
+    if temperature == 1.0:
+        return "raw_logprobs"                 # before temperature, which is 1, and before the truncation
+    raise ValueError(f"vLLM cannot report the untruncated policy's log-probs at temperature {temperature} with "
+                     f"top_p={top_p}, top_k={top_k}: set rollout.temperature=1, or top_p=1 and top_k=0, or use "
+                     "rollout.backend=hf")
+
+
 @GENERATION_BACKENDS.register("vllm")
 class VLLMBackend:
     """A `vllm.LLM` engine holding the policy (see the module docstring)."""
 
-    def __init__(self, llm, tokenizer, prompt_format: PromptFormat, eos_ids: list[int], tied_embeddings: bool):
+    def __init__(self, llm, tokenizer, prompt_format: PromptFormat, eos_ids: list[int], tied_embeddings: bool,
+                 logprobs_mode: str = "processed_logprobs"):
         self.llm = llm
+        self.logprobs_mode = logprobs_mode
         self.tokenizer = tokenizer
         self.prompt_format = prompt_format
         self.eos_ids = eos_ids
@@ -97,11 +115,16 @@ class VLLMBackend:
         _, self.SamplingParams, self.TokensPrompt = import_vllm()
 
     @classmethod
-    def load(cls, model_cfg, prompt_format: PromptFormat, device: str, seed: int = 0, engine_cfg=None) -> "VLLMBackend":
+    def load(cls, model_cfg, prompt_format: PromptFormat, device: str, seed: int = 0, engine_cfg=None,
+             sampling=None) -> "VLLMBackend":
+        """sampling: the run's RolloutConfig (temperature, top_p, top_k choose the engine's log-prob mode,
+        fixed when the engine starts); None: untruncated sampling."""
         from pipeline.config import VLLMConfig
         from pipeline.models import load_model_config
 
         e = engine_cfg or VLLMConfig()
+        mode = logprobs_mode_for(sampling.temperature, sampling.top_p, sampling.top_k) if sampling else \
+            "processed_logprobs"
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(e.kv_cache_gib))
         # vLLM sizes its CPU thread pool from OMP_NUM_THREADS (else it drops to 1): the threads the generator
         # was given, as the hf backend uses them.
@@ -116,7 +139,7 @@ class VLLMBackend:
         llm = LLM(model=model_cfg.path, tokenizer=model_cfg.path, dtype=model_cfg.dtype, seed=seed,
                   enforce_eager=eager, max_model_len=e.max_model_len or max_positions(config),
                   tensor_parallel_size=1, enable_prefix_caching=e.enable_prefix_caching,
-                  gpu_memory_utilization=e.gpu_memory_utilization, logprobs_mode="processed_logprobs",
+                  gpu_memory_utilization=e.gpu_memory_utilization, logprobs_mode=mode,
                   generation_config="vllm", disable_log_stats=True)
         from transformers import GenerationConfig
 
@@ -126,7 +149,7 @@ class VLLMBackend:
             generation_config = None
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         return cls(llm, prompt_format.tokenizer, prompt_format, eos_token_ids(generation_config, prompt_format.tokenizer),
-                   bool(getattr(text_config, "tie_word_embeddings", False)))
+                   bool(getattr(text_config, "tie_word_embeddings", False)), mode)
 
     # ------------------------------------------------------------------------------------ sampling
     def _run(self, prompts: list, params, seed: Optional[int]) -> tuple[dict, list]:
@@ -147,6 +170,10 @@ class VLLMBackend:
                               skip_special_tokens=True, **sampling)
 
     def sample(self, prompts, *, max_new_tokens, temperature, top_p, top_k, seed):
+        if logprobs_mode_for(temperature, top_p, top_k) != self.logprobs_mode:
+            raise ValueError(f"this engine started with logprobs_mode={self.logprobs_mode}, which does not give the "
+                             f"untruncated policy's log-probs at temperature {temperature}, top_p {top_p}, top_k "
+                             f"{top_k}: start it with these settings (VLLMBackend.load(..., sampling=...))")
         params = self._params(max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k or -1, logprobs=0)
         out, outputs = self._run(prompts, params, seed)
         rows = [o.outputs[0] for o in outputs]

@@ -37,11 +37,19 @@ def test_dotted_overrides_are_typed():
     (["rollout.backend=sglang"], "rollout.backend: 'sglang' is not a generation backend; valid: hf, vllm"),
     (["algorithm.tis_cap=2.0", "algorithm.old_logprobs=sampler"], "algorithm.tis_cap: importance weights"),
     (["vllm.kv_cache_gib=0"], "vllm.kv_cache_gib: 0 is out of range"),
+    (["rollout.backend=vllm", "rollout.top_k=5", "rollout.temperature=0.7"], "rollout.temperature: vLLM reports"),
+    (["rollout.backend=vllm", "rollout.top_p=0.9", "rollout.temperature=1.2"], "neither is the policy"),
+    (["lora.rank=4", "lora.dropout=0.05"], "lora.dropout: 0.05 would draw new masks"),
 ])
 def test_bad_values_name_the_field(override, fragment):
     with pytest.raises(ConfigError) as err:
         load_config("grpo", override)
     assert fragment in str(err.value)
+
+
+def test_what_vllm_can_report_consistently_is_accepted():
+    for override in (["rollout.top_k=5"], ["rollout.top_p=0.9", "rollout.top_k=20"], ["rollout.temperature=0.7"]):
+        assert load_config("grpo", ["rollout.backend=vllm", *override]).rollout.backend == "vllm"
 
 
 def test_bad_file_and_preset(tmp_path):
@@ -70,8 +78,8 @@ def test_every_field_documented_once():
         assert doc.count(f"| `{key}` |") == 1, key
 
 
-def test_readme_reference_is_the_generated_one():
+def test_docs_reference_is_the_generated_one():
     import os
 
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
-    assert config_reference_markdown() in readme, "README is stale: paste `rlpipe config --doc` into it"
+    page = open(os.path.join(os.path.dirname(__file__), "..", "docs", "configuration.md")).read()
+    assert config_reference_markdown() in page, "docs/configuration.md is stale: paste `rlpipe config --doc` into it"

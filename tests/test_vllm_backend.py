@@ -59,6 +59,25 @@ def test_engine_logprobs_equal_the_learners_recompute(llama, engine, temperature
     assert r.completion_mask.sum() > 100 and gap.max().item() < 1e-4
 
 
+def test_truncated_sampling_records_the_untruncated_policys_logprobs_as_hf_does(llama):
+    """top_k=5 at T=1: vLLM samples from the truncated distribution but records log softmax(logits) of the
+    sampled token (its raw mode), what the learner and the hf backend compute; the ratio pi/pi_old then
+    starts at 1, not at the kept mass."""
+    engine = make_generator(llama, top_k=5)
+    hf = make_generator(llama, backend="hf", top_k=5)
+    assert engine.backend.logprobs_mode == "raw_logprobs"
+    model = load_causal_lm(llama)
+    for gen in (engine, hf):
+        r = sample(gen)
+        with torch.no_grad():
+            learner = completion_forward(model, r.prompt_ids, r.prompt_mask, r.completion_ids,
+                                         r.completion_mask)["logprobs"]
+        assert r.completion_mask.sum() > 100
+        assert (learner - r.logprobs).abs()[r.completion_mask].max().item() < 1e-4, gen.cfg.backend
+    with pytest.raises(ValueError, match="cannot report the untruncated"):
+        engine.backend.sample(PROMPTS, max_new_tokens=4, temperature=0.7, top_p=1.0, top_k=5, seed=0)
+
+
 def test_the_read_back_is_the_folders_weights_and_an_eos_ends_the_completion_inside_its_mask(llama, engine):
     model = load_causal_lm(llama)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
