@@ -12,7 +12,7 @@ Prompts are left-padded (generation appends on the right).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -75,6 +75,23 @@ class PromptFormat:
         """prompt_ids (n, P) long left-padded with the pad id, prompt_mask (n, P) bool, and the texts."""
         ids, texts = self.token_ids(prompts)
         return (*pad_left(ids, self.tokenizer.pad_token_id), texts)
+
+    def end_of_turn_id(self) -> Optional[int]:
+        """The special token the chat template closes an assistant turn with (`<|im_end|>`, `<|eot_id|>`,
+        `<end_of_turn>`), found by rendering a turn; None without a template or when it closes with none."""
+        if not hasattr(self, "_end_of_turn"):
+            self._end_of_turn = None
+            if getattr(self.tokenizer, "chat_template", None):
+                sentinel = "rlpipe-reply-7f3a"
+                turn = [{"role": "user", "content": "hi"}]
+                opened = self.tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+                closed = self.tokenizer.apply_chat_template(turn + [{"role": "assistant", "content": sentinel}],
+                                                            tokenize=False)
+                after = closed.partition(sentinel)[2] if closed.startswith(opened) else ""
+                special = set(self.tokenizer.all_special_ids)
+                ids = self.tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+                self._end_of_turn = next((i for i in ids if i in special), None)
+        return self._end_of_turn
 
     def lengths(self, prompts: Sequence[Any]) -> list[int]:
         """Tokens per prompt as generation sees them."""

@@ -104,6 +104,27 @@ def test_init_model_tokenizer_covers_the_data(tmp_path):
         init_model([data], tmp_path / "x", size="huge")
 
 
+@pytest.mark.unit
+def test_a_reply_to_a_conversation_ends_with_the_templates_end_of_turn(bpe_task):
+    """The chat template closes the assistant's turn with <|im_end|>: SFT trains that token after a reply to a
+    rendered conversation (as the template writes the turn), and <eos> after a reply to a plain text prompt."""
+    from pipeline.models import load_tokenizer
+    from pipeline.prompts import PromptFormat
+    from pipeline.trainers.sft import encode_supervised
+
+    tokenizer = load_tokenizer(bpe_task["model"])
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end != tokenizer.eos_token_id and PromptFormat(tokenizer).end_of_turn_id() == end
+    prompts = [conversations(PAIRS[:1])[0][:2], "12+5="]
+    data = encode_supervised(tokenizer, prompts, ["17", "17"])
+    last = data["completion_mask"].sum(1) - 1
+    assert data["completion_ids"][0, last[0]].item() == end
+    assert data["completion_ids"][1, last[1]].item() == tokenizer.eos_token_id
+    reply = tokenizer.decode(data["completion_ids"][0, :last[0] + 1])
+    turn = tokenizer.apply_chat_template(prompts[0] + [{"role": "assistant", "content": "17"}], tokenize=False)
+    assert reply in turn                                               # the reply as the template writes it
+
+
 def test_sft_on_conversations_learns_and_writes_a_model_rl_loads(bpe_task, tmp_path):
     from pipeline.models import load_causal_lm
 

@@ -22,14 +22,20 @@ from pipeline.trainers.loop import EngineTrainer, ShuffledRows, train_loop
 def encode_supervised(tokenizer, prompts: list, answers: list[str],
                       prompt_format: Optional[PromptFormat] = None) -> dict[str, torch.Tensor]:
     """Tokenise (prompt, answer) pairs in the RL layout: prompt_ids/prompt_mask (n, P) left-padded as
-    generation sees them; completion_ids/completion_mask (n, T) = answer + <eos>, right-padded."""
-    prompt_ids, prompt_mask, _ = (prompt_format or PromptFormat(tokenizer)).encode(prompts)
+    generation sees them; completion_ids/completion_mask (n, T) = answer + its end, right-padded. The end is
+    the chat template's end-of-turn token where the template rendered the prompt (the reply is an assistant
+    turn, and other runtimes stop on that token), else <eos>."""
+    prompt_format = prompt_format or PromptFormat(tokenizer)
+    prompt_ids, prompt_mask, _ = prompt_format.encode(prompts)
+    rendered = prompt_format.render(prompts)[1]
+    end_of_turn = prompt_format.end_of_turn_id() if any(rendered) else None
     answer_ids = tokenizer([str(a) for a in answers], add_special_tokens=False)["input_ids"]
     T = max(len(ids) for ids in answer_ids) + 1
     completion_ids = torch.full((len(answers), T), tokenizer.pad_token_id, dtype=torch.long)
     completion_mask = torch.zeros((len(answers), T), dtype=torch.bool)
     for i, ids in enumerate(answer_ids):
-        row = list(ids) + [tokenizer.eos_token_id]
+        end = end_of_turn if rendered[i] and end_of_turn is not None else tokenizer.eos_token_id
+        row = list(ids) + [end]
         completion_ids[i, :len(row)] = torch.tensor(row)
         completion_mask[i, :len(row)] = True
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
