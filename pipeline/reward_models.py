@@ -194,6 +194,6 @@ class RewardModelFunction:
         return scores
 
 
-__all__ = ["RewardModelFunction", "check_reward_model", "INPUT_FIELD", "LAYOUTS", "backbone_layout", "encode_for_reward", "pad_right",
-           "last_real_token", "reward_scores",
-           "build_reward_model", "load_reward_model"]
+__all__ = ["RewardModelFunction", "check_reward_model", "INPUT_FIELD", "LAYOUTS", "backbone_layout",
+           "encode_for_reward", "pad_right", "last_real_token", "reward_scores", "build_reward_model",
+           "load_reward_model"]
