@@ -24,15 +24,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> int:
-    import os
-
-    from actors.run import run_training
+    from actors.run import resume_config_path, run_training
     from pipeline.config import load_config
 
     config = args.config
     overrides = list(args.overrides)
     if args.resume:
-        config = config or os.path.join(args.resume, "config.yaml")
+        saved = resume_config_path(args.resume)      # refuses a folder another command made
+        config = config or saved
         overrides.append(f"train.output_dir={args.resume}")
     cfg = load_config(config, overrides)
     summary = run_training(cfg, resume=bool(args.resume), overwrite=args.overwrite, address=args.address)

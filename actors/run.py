@@ -59,6 +59,21 @@ def local_pythonpath() -> str:
     return os.pathsep.join(dict.fromkeys([os.getcwd(), *user, *extra]))
 
 
+def resume_config_path(run_dir: str) -> str:
+    """The saved config of the `rlpipe train` run in run_dir, for `--resume`; a folder of another command
+    (`rlpipe sft`, `rlpipe reward-model`) or of none is refused, naming what it is and how to resume it."""
+    from pipeline.supervised_runs import wrong_run_folder
+
+    wrong = wrong_run_folder(run_dir, "rlpipe train")
+    if wrong is not None:
+        raise wrong
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        raise RunDirError(f"--resume: {run_dir} holds no rlpipe train run (no config.yaml); give the "
+                          "train.output_dir of an earlier run")
+    return path
+
+
 def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool):
     """The latest checkpoint to resume from (or None), after checking the directory's state."""
     from pipeline.checkpoint import latest_checkpoint, load_checkpoint
@@ -96,7 +111,9 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     from pipeline.preflight import preflight
     from pipeline.tracking import ConsoleLog, Tracker, flatten_config
 
-    train_table, eval_table, _ = preflight(cfg, log)     # nothing is written before these checks pass
+    # Nothing is written before these checks pass. On a cluster the actors import their own nodes' packages.
+    local_actors = not (address or os.environ.get("RAY_ADDRESS"))
+    train_table, eval_table, _ = preflight(cfg, log, local_actors=local_actors)
     ckpt = prepare_run_dir(cfg, resume, overwrite)
     started_ray = init_ray(cfg.resources.num_cpus, address)
     pools = None

@@ -6,11 +6,13 @@ travel with each row to the reward function.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import UserInputError
+
 
 class DataError(UserInputError):
     """A prompt file that cannot be used; the message names the file and the fix."""
@@ -55,12 +57,41 @@ def read_prompt_table(path, required_columns=("prompt",)) -> pa.Table:
     return table
 
 
-def hold_out(rows, n_eval: int, seed: int, unit: str = "rows"):
+def _is_empty_prompt(prompt) -> bool:
+    """A prompt with nothing to answer: null, blank text, or messages whose contents are all blank."""
+    if isinstance(prompt, list):
+        return not any(isinstance(m, dict) and str(m.get("content") or "").strip() for m in prompt)
+    return prompt is None or (isinstance(prompt, str) and not prompt.strip())
+
+
+def drop_empty_prompts(table: pa.Table, column: str, field: str, path, log: Callable[[str], None] = print) -> pa.Table:
+    """`table` without its rows whose `column` prompt is empty (`_is_empty_prompt`), counted in one printed line;
+    a DataError when every prompt is empty. An empty prompt trains nothing the user meant: the policy would
+    learn to answer a bare BOS. `field` names the config field of `path` in the messages."""
+    prompts = table.column(column).to_pylist()
+    keep = [i for i, p in enumerate(prompts) if not _is_empty_prompt(p)]
+    if not keep:
+        raise DataError(f"{field} {path}: every prompt of column {column!r} is empty ({len(prompts)} rows); fill "
+                        "the prompts in, or point data.prompt_column at the column that holds them")
+    if len(keep) < len(prompts):
+        log(f"{field} {path}: dropped {len(prompts) - len(keep)} of {len(prompts)} prompts that are empty")
+        table = table.take(keep)
+    return table
+
+
+def default_eval_size(n: int) -> int:
+    """Rows held out when the user names no count: 10% of the n rows, at most 200, at least 1."""
+    return min(200, max(1, n // 10))
+
+
+def hold_out(rows, n_eval: Optional[int], seed: int, unit: str = "rows"):
     """(train, held-out) copies of `rows`, a dataclass with a `path` and per-row list fields (a field that is
-    None, an absent optional column, stays None): `n_eval` rows drawn at random (seeded) are held out."""
+    None, an absent optional column, stays None): `n_eval` rows drawn at random (seeded) are held out
+    (None: `default_eval_size`)."""
     import dataclasses
 
     n = len(rows)
+    n_eval = default_eval_size(n) if n_eval is None else n_eval
     if not 0 < n_eval < n:
         raise DataError(f"{rows.path}: cannot hold out {n_eval} of {n} {unit} for evaluation; give --eval-data, or "
                         f"a --eval-size between 1 and the number of {unit} - 1")
@@ -114,4 +145,4 @@ class PromptSampler:
         self._order = self._permutation(self.epoch)
 
 
-__all__ = ["DataError", "read_prompt_table", "hold_out", "PromptSampler"]
+__all__ = ["DataError", "read_prompt_table", "drop_empty_prompts", "default_eval_size", "hold_out", "PromptSampler"]

@@ -13,7 +13,13 @@ import warnings
 import torch
 from torch import nn
 
+from pipeline.errors import UserInputError
+
 ALL_LINEAR = "all-linear"     # peft's name for every linear layer but the output layer
+
+
+class LoraTargetError(UserInputError):
+    """lora.target_modules names a module the model does not have."""
 
 
 def lora_target_modules(names: list[str]):
@@ -34,9 +40,35 @@ def apply_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float, tar
             warnings.simplefilter("ignore", FutureWarning)
             return get_peft_model(model, config)
     except ValueError as e:   # peft: "Target modules {...} not found in the base model"
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"lora.target_modules={list(target_modules)}: {e}. This model's linear layers are named "
-                         f"{', '.join(names)}; or use [{ALL_LINEAR}]") from None
+        raise LoraTargetError(f"lora.target_modules={list(target_modules)}: {e}. {_linear_layers_hint(model)}") \
+            from None
+
+
+def _linear_layers_hint(model: nn.Module) -> str:
+    from transformers.pytorch_utils import Conv1D      # GPT-2's linear layers
+
+    names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))})
+    return f"This model's linear layers are named {', '.join(names)}; or use [{ALL_LINEAR}]"
+
+
+def check_target_modules(model_config, target_modules: list[str], where: str) -> None:
+    """Refuse a lora.target_modules name that matches no module of the causal LM `model_config` describes
+    (`where`: the model's path, for the message), before any learner loads it. The model is built on the meta
+    device: module names without weights, so a big model costs no memory. A name matches as peft matches
+    it (the module's full name, or its last dotted parts); stricter than peft, which refuses only when no
+    name matches, because a mistyped second name would silently train fewer adapters than asked."""
+    if lora_target_modules(target_modules) == ALL_LINEAR:
+        return
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    names = [n for n, _ in model.named_modules() if n]
+    missing = [t for t in target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if missing:
+        raise LoraTargetError(f"lora.target_modules={list(target_modules)}: {', '.join(missing)} "
+                              f"{'is' if len(missing) == 1 else 'are'} not a module of {where}. "
+                              f"{_linear_layers_hint(model)}")
 
 
 def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -100,5 +132,5 @@ def merged_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).merge_and_unload()     # merged in the copy: the training model is untouched
 
 
-__all__ = ["ALL_LINEAR", "apply_lora", "merged_state", "adapter_state", "load_adapter_state", "merged_copy",
-           "lora_target_modules"]
+__all__ = ["ALL_LINEAR", "LoraTargetError", "apply_lora", "check_target_modules", "merged_state", "adapter_state",
+           "load_adapter_state", "merged_copy", "lora_target_modules"]

@@ -1,8 +1,10 @@
 """Checks run before a run directory exists or any actor starts, so that bad input writes no half-made run.
 
 Each failure is one `UserInputError` subclass naming the thing (field, file, row, column, module) and the
-fix: `ModelLoadError` (model or critic path), `DataError` (prompt files), `RewardLoadError` (reward
-functions), `PromptError` (a prompt the tokenizer cannot render, or one that does not fit the model).
+fix: `ModelLoadError` (model or critic path), `LoraTargetError` (a lora.target_modules name the model lacks),
+`DataError` (prompt files; every prompt empty), `RewardLoadError` (reward functions), `PromptError` (a prompt
+the tokenizer cannot render, or one that does not fit the model), `VLLMMissing` (rollout.backend=vllm without
+vLLM). Settings that run but not as the user may think are one printed warning line.
 """
 from __future__ import annotations
 
@@ -63,14 +65,24 @@ def check_prompt_lengths(cfg: RunConfig, train, evaluation, log=print):
     return train, evaluation
 
 
-def preflight(cfg: RunConfig, log=print):
-    """Validate model, data, prompts and reward functions. Returns (train table, eval table or None,
-    composer); the tables are what the run trains and evaluates on (after any `data.max_prompt_tokens`)."""
-    from pipeline.data import read_prompt_table
+def preflight(cfg: RunConfig, log=print, *, local_actors: bool = True):
+    """Validate model, data, prompts, reward functions and the generation backend. Returns (train table, eval
+    table or None, composer); the tables are what the run trains and evaluates on (after dropping empty
+    prompts and any `data.max_prompt_tokens`). local_actors: the actors run on this machine (a local Ray),
+    so what this Python imports is what theirs will (vLLM); on a cluster their nodes' packages may differ."""
+    from pipeline.data import drop_empty_prompts, read_prompt_table
     from pipeline.models import load_model_config
     from pipeline.rewards import RewardComposer
 
-    load_model_config(cfg.model.path, "model.path")
+    if cfg.learner.parallel == "shard" and cfg.resources.learners == 1:
+        # Not refused: a sharded run's checkpoint legitimately resumes on one learner.
+        log("warning: learner.parallel=shard with resources.learners=1 does not shard: sharding starts at 2 "
+            "learners, and one learner holds the whole model (set resources.learners=2 or more to shard)")
+    model_config = load_model_config(cfg.model.path, "model.path")
+    if cfg.lora.rank:
+        from pipeline.lora import check_target_modules
+
+        check_target_modules(model_config, cfg.lora.target_modules, f"model.path {cfg.model.path}")
     if cfg.model.critic_path:
         load_model_config(cfg.model.critic_path, "model.critic_path")
     composer = RewardComposer(cfg.reward.functions, cfg.reward.weights, cfg.reward.failed_reward)
@@ -80,10 +92,17 @@ def preflight(cfg: RunConfig, log=print):
         for i, m in enumerate(cfg.reward.models):      # the scorers load them; here only their configs
             check_reward_model(m["path"], f"reward.models[{i}].path")
     columns = required_columns(composer.fns)
-    train = read_prompt_table(cfg.data.train_path, (cfg.data.prompt_column, *sorted(columns)))
+    d = cfg.data
+    train = read_prompt_table(d.train_path, (d.prompt_column, *sorted(columns)))
+    train = drop_empty_prompts(train, d.prompt_column, "data.train_path", d.train_path, log)
     evaluation = None
-    if cfg.data.eval_path:
-        evaluation = read_prompt_table(cfg.data.eval_path, (cfg.data.prompt_column, "answer"))
-        evaluation = evaluation.slice(0, cfg.data.eval_size)
+    if d.eval_path:
+        evaluation = read_prompt_table(d.eval_path, (d.prompt_column, "answer"))
+        evaluation = drop_empty_prompts(evaluation, d.prompt_column, "data.eval_path", d.eval_path, log)
+        evaluation = evaluation.slice(0, d.eval_size)
     train, evaluation = check_prompt_lengths(cfg, train, evaluation, log)
+    if cfg.rollout.backend == "vllm" and local_actors:
+        from pipeline.vllm_backend import import_vllm
+
+        import_vllm()       # last: importing vLLM takes seconds; VLLMMissing names the extra to install
     return train, evaluation, composer

@@ -34,7 +34,8 @@ class SupervisedRunConfig:
     out: str = F("runs/sft", "Run folder (settings, checkpoints, MLflow, the trained model in <out>/model).")
     eval_data: Optional[str] = F(None, "Held-out data with the same columns; default: --eval-size rows drawn from "
                                  "--data (and left out of training).")
-    eval_size: int = F(200, "Rows held out of --data for evaluation when there is no --eval-data.", lo=1)
+    eval_size: Optional[int] = F(None, "Rows held out of --data for evaluation when there is no --eval-data; "
+                                 "default: 10% of the rows, at most 200, at least 1.", lo=1)
     lr: float = F(1e-4, "Peak learning rate (AdamW). Pretrained models want ~1e-5; a small model made by "
                   "init-model, trained from scratch, ~3e-3.", lo=0.0)
     batch_size: int = F(32, "Rows per optimizer step.", lo=1)
@@ -135,10 +136,33 @@ def open_run_folder(cfg, settings_name: str, *, resume: bool, overwrite: bool):
     return out, tracker
 
 
+# The file each command's run folder holds its settings in, so a folder tells which command made it.
+RUN_FOLDER_SETTINGS = {"sft.yaml": "rlpipe sft", "reward_model.yaml": "rlpipe reward-model",
+                       "config.yaml": "rlpipe train"}
+
+
+def run_folder_command(run_dir) -> Optional[str]:
+    """The command whose run folder `run_dir` is ("rlpipe sft", ...), from its settings file; None if none."""
+    return next((command for name, command in RUN_FOLDER_SETTINGS.items() if (Path(run_dir) / name).is_file()),
+                None)
+
+
+def wrong_run_folder(run_dir, command: str) -> Optional[ConfigError]:
+    """The error for `command --resume run_dir` when another command made the folder (None when it did not)."""
+    made_by = run_folder_command(run_dir)
+    if made_by is None or made_by == command:
+        return None
+    return ConfigError(f"{run_dir} is a run folder of `{made_by}`, not of `{command}`; resume it with "
+                       f"`{made_by} --resume {run_dir}`")
+
+
 def read_run_settings(cls, run_dir, settings_name: str):
     """The config a run folder was started with (for `--resume`)."""
     path = Path(run_dir) / settings_name
     if not path.is_file():
+        wrong = wrong_run_folder(run_dir, RUN_FOLDER_SETTINGS[settings_name])
+        if wrong is not None:
+            raise wrong
         raise ConfigError(f"{run_dir} is not a run folder of this command (no {settings_name}); give the --out "
                           "folder of an earlier run")
     return build_run_config(cls, yaml.safe_load(path.read_text()))
@@ -299,5 +323,6 @@ def finish_run(trainer, result: dict, out: Path, tracker, log) -> dict:
 
 
 __all__ = ["SupervisedRunConfig", "SFTConfig", "RewardModelConfig", "build_run_config", "read_run_settings",
+           "RUN_FOLDER_SETTINGS", "run_folder_command", "wrong_run_folder",
            "open_run_folder", "run_sft", "build_sft_trainer", "run_reward_model", "build_reward_model_trainer",
            "train_in_run_folder", "finish_run"]

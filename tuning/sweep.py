@@ -203,7 +203,8 @@ def run_sweep(config: Optional[str], space_path: str, opts: SweepOptions, out: s
         opts.grace_period = cfg.train.eval_every
     tree = _base_tree(cfg, opts, default_tracking_uri(sweep_dir))
     base = load_config(base=tree)
-    preflight(base)                                    # model, data, reward functions
+    # model, data, reward functions; on a cluster the trials' actors import their own nodes' packages
+    preflight(base, local_actors=not (address or os.environ.get("RAY_ADDRESS")))
     started_ray = _init_ray(base, address)
     try:
         import ray
