@@ -65,7 +65,7 @@ def config_from_args(cls, args, settings_name: str):
     import typing
 
     from pipeline.config import _parse_scalar
-    from pipeline.supervised_runs import build_run_config, read_run_settings
+    from pipeline.runs.supervised import build_run_config, read_run_settings
 
     values = dataclasses.asdict(read_run_settings(cls, args.resume, settings_name)) if args.resume else {}
     hints = typing.get_type_hints(cls)
@@ -81,7 +81,7 @@ def config_from_args(cls, args, settings_name: str):
 
 def cmd_sft(args) -> int:
     from actors.supervised import launch_learners
-    from pipeline.supervised_runs import SFTConfig, run_sft
+    from pipeline.runs.supervised import SFTConfig, run_sft
 
     run_sft(config_from_args(SFTConfig, args, "sft.yaml"), resume=bool(args.resume), overwrite=args.overwrite,
             launch=launch_learners)
@@ -90,7 +90,7 @@ def cmd_sft(args) -> int:
 
 def cmd_reward_model(args) -> int:
     from actors.supervised import launch_learners
-    from pipeline.supervised_runs import RewardModelConfig, run_reward_model
+    from pipeline.runs.supervised import RewardModelConfig, run_reward_model
 
     run_reward_model(config_from_args(RewardModelConfig, args, "reward_model.yaml"), resume=bool(args.resume),
                      overwrite=args.overwrite, launch=launch_learners)
@@ -98,7 +98,7 @@ def cmd_reward_model(args) -> int:
 
 
 def cmd_init_model(args) -> int:
-    from pipeline.task_model import init_model
+    from pipeline.runs.init_model import init_model
 
     info = init_model(args.data, args.out, tokenizer=args.tokenizer, size=args.size, vocab_size=args.vocab_size,
                       max_positions=args.max_positions, seed=args.seed)
@@ -109,8 +109,8 @@ def cmd_init_model(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from pipeline.data import read_prompt_table
-    from pipeline.evaluation import exact_match_accuracy
+    from pipeline.data.prompt_table import read_prompt_table
+    from pipeline.rollout.evaluation import exact_match_accuracy
     from pipeline.models import load_causal_lm, load_tokenizer
 
     table = read_prompt_table(args.data, ("prompt", "answer")).slice(0, args.n)
@@ -147,7 +147,7 @@ def cmd_config(args) -> int:
 
 
 def _run_configs() -> dict:
-    from pipeline.supervised_runs import RewardModelConfig, SFTConfig
+    from pipeline.runs.supervised import RewardModelConfig, SFTConfig
 
     return {"sft": SFTConfig, "reward-model": RewardModelConfig}
 

@@ -155,8 +155,8 @@ def run_preference_demo(out: str = "runs/preference", ppo_minutes: float | None 
     from actors.run import run_training
     from pipeline.demo.preference import ensemble_accuracy, make_preference_task, measure_policy
     from pipeline.plots import plot_comparison
-    from pipeline.supervised_runs import RewardModelConfig, SFTConfig, run_reward_model, run_sft
-    from pipeline.task_model import init_model
+    from pipeline.runs.supervised import RewardModelConfig, SFTConfig, run_reward_model, run_sft
+    from pipeline.runs.init_model import init_model
 
     flip, marks = 0.15, [time.monotonic()]           # wall clock at the start and at the end of each step
     paths = make_preference_task(os.path.join(out, "data"), flip=flip, n_pairs=n_pairs, seed=seed)

@@ -1,22 +1,16 @@
 """One training run end to end: checks, Ray, actors, the step loop, evaluation, checkpoints, tracking.
 
-Uses `pipeline.preflight` (checks before anything is written), `actors.pools` (placement and start),
+Uses `pipeline.runs.preflight` (checks before anything is written), `actors.pools` (placement and start),
 `actors.driver` (the step), `pipeline.checkpoint`, `pipeline.tracking` and `pipeline.plots`.
 """
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from typing import Callable, Optional
 
 from pipeline.config import RunConfig
-from pipeline.errors import UserInputError
-
-
-class RunDirError(UserInputError):
-    """The output directory already holds a run (or holds none to resume)."""
 
 
 def init_ray(num_cpus: Optional[int] = None, address: Optional[str] = None) -> bool:
@@ -62,35 +56,26 @@ def local_pythonpath() -> str:
 def resume_config_path(run_dir: str) -> str:
     """The saved config of the `rlpipe train` run in run_dir, for `--resume`; a folder of another command
     (`rlpipe sft`, `rlpipe reward-model`) or of none is refused, naming what it is and how to resume it."""
-    from pipeline.supervised_runs import wrong_run_folder
+    from pipeline.runs.folder import claim_run_folder
 
-    wrong = wrong_run_folder(run_dir, "rlpipe train")
-    if wrong is not None:
-        raise wrong
-    path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(path):
-        raise RunDirError(f"--resume: {run_dir} holds no rlpipe train run (no config.yaml); give the "
-                          "train.output_dir of an earlier run")
-    return path
+    claim_run_folder(run_dir, "config.yaml", resume=True, overwrite=False, where="train.output_dir")
+    return os.path.join(run_dir, "config.yaml")
 
 
 def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool):
-    """The latest checkpoint to resume from (or None), after checking the directory's state."""
+    """The latest checkpoint to resume from (or None), after claiming the run folder (`pipeline.runs.folder`)."""
     from pipeline.checkpoint import latest_checkpoint, load_checkpoint
+    from pipeline.runs.folder import RunFolderError, claim_run_folder
 
     run_dir = cfg.train.output_dir
+    if not resume:
+        claim_run_folder(run_dir, "config.yaml", resume=False, overwrite=overwrite, where="train.output_dir")
+        return None
     ckpt_dir = os.path.join(run_dir, "checkpoints")
-    if resume:
-        path = latest_checkpoint(ckpt_dir) if os.path.isdir(ckpt_dir) else None
-        if path is None:
-            raise RunDirError(f"--resume: no checkpoint in {ckpt_dir}; start the run without --resume")
-        return load_checkpoint(path)
-    if os.path.exists(os.path.join(run_dir, "config.yaml")):
-        if not overwrite:
-            raise RunDirError(f"train.output_dir {run_dir!r} already holds a run; pass --resume to continue it, "
-                              "--overwrite to replace it, or set train.output_dir=<new folder>")
-        shutil.rmtree(run_dir)
-    return None
+    path = latest_checkpoint(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+    if path is None:
+        raise RunFolderError(f"--resume: no checkpoint in {ckpt_dir}; start the run without --resume")
+    return load_checkpoint(path)
 
 
 def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, address: Optional[str] = None,
@@ -108,7 +93,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     from actors.pools import start_actors
     from actors.resilient import ActorLost
     from pipeline.checkpoint import latest_checkpoint, load_checkpoint
-    from pipeline.preflight import preflight
+    from pipeline.runs.preflight import preflight
     from pipeline.tracking import ConsoleLog, Tracker, flatten_config
 
     # Nothing is written before these checks pass. On a cluster the actors import their own nodes' packages.

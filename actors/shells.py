@@ -6,9 +6,9 @@ import os
 
 import ray
 
-from pipeline.generator import RolloutGenerator
-from pipeline.reference import ReferencePolicy
-from pipeline.rewards import RewardComposer, ScoredShard
+from pipeline.rollout.generator import RolloutGenerator
+from pipeline.rollout.reference import ReferencePolicy
+from pipeline.rewards.functions import RewardComposer, ScoredShard
 from pipeline.trainers.ppo import PolicyLearner
 
 
@@ -40,7 +40,7 @@ class RewardScorer(RewardComposer):
 
     def reward_models_loaded(self) -> int:
         """Reward models this process has loaded since it started."""
-        from pipeline.reward_models import LOADS
+        from pipeline.rewards.models import LOADS
 
         return LOADS["count"]
 

@@ -3,7 +3,7 @@ size.
 
 Each (size, mode) runs in a fresh Python process, so one measurement's allocations never inflate the next:
 the child builds a randomly initialised Llama of about the asked size, wraps it in the training engine that
-every rlpipe trainer uses (`pipeline.engine.TrainEngine`: float32 master weights, AdamW), takes --steps
+every rlpipe trainer uses (`pipeline.trainers.engine.TrainEngine`: float32 master weights, AdamW), takes --steps
 optimizer steps on random tokens (--batch sequences of --seq tokens) and reports its peak resident set
 (`ru_maxrss`), its trainable parameters and the bytes AdamW's state takes. Full training holds ~16 bytes
 per parameter (weights, gradients, two moments); LoRA holds the frozen weights (4 bytes per parameter) and
@@ -127,7 +127,7 @@ def measure(size: str, mode: str, lora_rank: int, batch: int, seq: int, steps: i
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipeline.engine import TrainEngine
+    from pipeline.trainers.engine import TrainEngine
 
     torch.manual_seed(0)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))

@@ -84,7 +84,7 @@ def gpu_case(root: str) -> Case:
 
 def make_generator(case: Case, backend: str, threads: int):
     from pipeline.config import load_config
-    from pipeline.generator import RolloutGenerator
+    from pipeline.rollout.generator import RolloutGenerator
 
     cfg = load_config(None, [f"model.path={case.path}", f"model.dtype={case.dtype}", f"rollout.backend={backend}",
                              f"rollout.max_new_tokens={case.max_new_tokens}"])

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from actors.run import init_ray
     from pipeline.config import load_config
-    from pipeline.data import PromptSampler, read_prompt_table
+    from pipeline.data.prompt_table import PromptSampler, read_prompt_table
 
     cores = os.cpu_count()
     # A local Ray gets this machine's cores, or enough logical CPUs for the largest fixed-share layout.

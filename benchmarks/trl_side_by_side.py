@@ -155,8 +155,8 @@ def run_trl(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
     from trl import GRPOTrainer
 
-    from pipeline.evaluation import exact_match_accuracy
-    from pipeline.rewards import exact_match      # (prompts, completions, answer, **_): TRL passes columns
+    from pipeline.rollout.evaluation import exact_match_accuracy
+    from pipeline.rewards.functions import exact_match      # (prompts, completions, answer, **_): TRL passes columns
 
     wall = time.perf_counter()
     torch.set_num_threads(THREADS)

@@ -41,10 +41,11 @@ class TrainBatch:
     scores: torch.Tensor                          # (N,) float32 sequence reward (failed -> 0.0)
     score_failed: torch.Tensor                    # (N,) bool, the reward function raised or returned None
     # --- filled by the reference / values stage and the advantage stage
-    old_logprobs: Optional[torch.Tensor] = None   # (N, T) float32 log pi_old(token): the learner's when it
-                                                  # recomputes them (algorithm.old_logprobs), else the sampler's
-    old_from_update: bool = False                 # pi_old is the update's own forward, detached (one optimizer
-                                                  # step over the batch; old_logprobs is then None)
+    pi_old: str = "sampler"                       # where pi_old comes from, decided once by the driver
+                                                  # (`pipeline.config.pi_old_source`): "sampler" (the rollout's
+                                                  # log-probs), "learner" (a learner pass: old_logprobs), or
+                                                  # "update" (the update's own forward, detached)
+    old_logprobs: Optional[torch.Tensor] = None   # (N, T) float32 log pi_old(token) of the learner's pass
     ref_logprobs: Optional[torch.Tensor] = None   # (N, T) float32 log pi_ref(token)
     values: Optional[torch.Tensor] = None         # (N, T) float32 critic value before each token
     advantages: Optional[torch.Tensor] = None     # (N, T) float32
@@ -53,6 +54,14 @@ class TrainBatch:
     @property
     def num_sequences(self) -> int:
         return len(self.rollout.prompts)
+
+    @property
+    def pi_old_logprobs(self) -> Optional[torch.Tensor]:
+        """(N, T) log pi_old as known before the update: the learner pass's or the sampler's; None when pi_old
+        is the update's own forward (only the update computes it)."""
+        if self.pi_old == "learner" and self.old_logprobs is None:
+            raise RuntimeError("TrainBatch.pi_old is 'learner' but old_logprobs holds no learner pass")
+        return {"learner": self.old_logprobs, "sampler": self.rollout.logprobs}.get(self.pi_old)
 
     def keep_rows(self, keep: torch.Tensor) -> "TrainBatch":
         """The batch restricted to rows where `keep` (N,) bool is True, before the later stages ran (dropping

@@ -425,13 +425,10 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = (), base
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    """Checks that span fields. Names live in registries, imported here lazily to keep the CLI quick."""
+    """Checks that span fields. Names live in registries, imported here lazily to keep the CLI quick; the
+    generation backend's name is checked where its room registers them (`pipeline.rollout.check_backend`,
+    called by preflight), so that config imports no room above it."""
     from pipeline.algorithms.advantages import ADVANTAGE_ESTIMATORS
-    from pipeline.generation import GENERATION_BACKENDS
-
-    if cfg.rollout.backend not in GENERATION_BACKENDS:
-        raise ConfigError(f"rollout.backend: {cfg.rollout.backend!r} is not a generation backend; valid: "
-                          f"{', '.join(GENERATION_BACKENDS.names())}")
 
     if cfg.algorithm.name not in ADVANTAGE_ESTIMATORS:
         raise ConfigError(f"algorithm.name: {cfg.algorithm.name!r} is not an estimator; valid: "
@@ -507,6 +504,15 @@ def _check_reward_model_entry(i: int, entry: Any) -> None:
         raise ConfigError(f"reward.models[{i}].batch_size: {entry['batch_size']} must be >= 1")
     if entry.get("dtype", "float32") not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"reward.models[{i}].dtype: {entry['dtype']!r} is not one of float32, bfloat16, float16")
+
+
+def pi_old_source(cfg: RunConfig, batch_size: int) -> str:
+    """Where a batch of `batch_size` rows takes pi_old from: "update" (the update's own forward, when it is one
+    optimizer step: `old_logprobs_from_update`), "learner" (a learner pass before the update), or "sampler"
+    (the generators' log-probs). The driver decides it once per batch (`TrainBatch.pi_old`)."""
+    if old_logprobs_from_update(cfg, batch_size):
+        return "update"
+    return "learner" if learner_old_logprobs(cfg) else "sampler"
 
 
 def old_logprobs_from_update(cfg: RunConfig, batch_size: int) -> bool:

@@ -6,7 +6,7 @@ Shapes follow `pipeline.batch`: n sequences, P prompt tokens (left-padded), T co
 
 `completion_forward` is the single definition of "the log-prob of a completion" on the training side: the
 learner, the reference model, supervised fine-tuning and the tests all go through it (the samplers in
-`pipeline.generation` record the same quantity, log softmax(raw logits / temperature), while sampling).
+`pipeline.rollout.generation` record the same quantity, log softmax(raw logits / temperature), while sampling).
 """
 from __future__ import annotations
 

@@ -113,7 +113,7 @@ def test_async_driver_killed_with_sigkill_resumes_every_step_once(tiny_task, tmp
 def test_generator_killed_mid_stream_loses_and_duplicates_nothing(tiny_task, tmp_path, ray_with_marker):
     from actors.driver import Trainer
     from actors.pools import start_actors
-    from pipeline.data import read_prompt_table
+    from pipeline.data.prompt_table import read_prompt_table
 
     cfg = load_config(None, [
         f"model.path={tiny_task['model']}", f"data.train_path={tiny_task['data']['train']}",

@@ -103,8 +103,8 @@ def _scored_batch(cfg):
     """One real rollout of the tiny model, scored, with advantages from the configured estimator."""
     from pipeline.algorithms.advantages import AdvantageInputs, compute_advantages, place_sequence_reward
     from pipeline.batch import TrainBatch
-    from pipeline.data import PromptSampler, read_prompt_table
-    from pipeline.generator import RolloutGenerator
+    from pipeline.data.prompt_table import PromptSampler, read_prompt_table
+    from pipeline.rollout.generator import RolloutGenerator
     from pipeline.trainers.ppo import PolicyLearner
 
     G = cfg.rollout.samples_per_prompt

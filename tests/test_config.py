@@ -34,7 +34,6 @@ def test_dotted_overrides_are_typed():
     (["reward.weights=[1, 2]"], "reward.weights: 2 weights for 1 functions"),
     (["rollout.samples_per_prompt=1"], "rollout.samples_per_prompt: grpo compares samples within a group"),
     (["learner.lr"], "expected section.field=value"),
-    (["rollout.backend=sglang"], "rollout.backend: 'sglang' is not a generation backend; valid: hf, vllm"),
     (["algorithm.tis_cap=2.0", "algorithm.old_logprobs=sampler"], "algorithm.tis_cap: importance weights"),
     (["vllm.kv_cache_gib=0"], "vllm.kv_cache_gib: 0 is out of range"),
     (["rollout.backend=vllm", "rollout.top_k=5", "rollout.temperature=0.7"], "rollout.temperature: vLLM reports"),
@@ -45,6 +44,13 @@ def test_bad_values_name_the_field(override, fragment):
     with pytest.raises(ConfigError) as err:
         load_config("grpo", override)
     assert fragment in str(err.value)
+
+
+def test_an_unknown_backend_is_refused_where_the_backends_register():
+    from pipeline.rollout import check_backend
+
+    with pytest.raises(ConfigError, match="rollout.backend: 'sglang' is not a generation backend; valid: hf, vllm"):
+        check_backend(load_config("grpo", ["rollout.backend=sglang"]).rollout.backend)
 
 
 def test_what_vllm_can_report_consistently_is_accepted():
@@ -83,3 +89,17 @@ def test_docs_reference_is_the_generated_one():
 
     page = open(os.path.join(os.path.dirname(__file__), "..", "docs", "configuration.md")).read()
     assert config_reference_markdown() in page, "docs/configuration.md is stale: paste `rlpipe config --doc` into it"
+
+
+def test_where_pi_old_comes_from_is_one_decision():
+    from pipeline.config import pi_old_source
+
+    one_step = ["learner.epochs=1", "learner.minibatch_size=64"]
+    assert pi_old_source(load_config("grpo", ["model.dtype=float32", "algorithm.old_logprobs=auto"]), 64) == "sampler"
+    assert pi_old_source(load_config("grpo", ["algorithm.old_logprobs=sampler", *one_step]), 64) == "sampler"
+    learner = load_config("grpo", ["algorithm.old_logprobs=learner", *one_step])
+    assert pi_old_source(learner, 64) == "update"                 # one optimizer step: its own forward
+    assert pi_old_source(learner, 65) == "learner"                # two minibatches: a pass before the update
+    kl = load_config("grpo", ["algorithm.old_logprobs=learner", "algorithm.kl_in_reward=true",
+                              "algorithm.kl_coef=0.1", "algorithm.kl_estimator=k1", *one_step])
+    assert pi_old_source(kl, 64) == "learner"                     # the KL in the reward needs pi_old first

@@ -10,7 +10,7 @@ import ray
 from actors.driver import Trainer
 from actors.pools import start_actors
 from pipeline.config import load_config
-from pipeline.data import read_prompt_table
+from pipeline.data.prompt_table import read_prompt_table
 
 pytestmark = pytest.mark.ray
 

@@ -4,7 +4,9 @@
     actors/    the Ray runtime: shells, pools, sync, the driver loop, the CLI   may import pipeline/
     pipeline/  the library, runs without Ray         imports neither, and never `ray`
 
-and the pure math imports nothing but torch and the registry.
+inside the library, each room imports only rooms on its floor or below (`FLOORS`), no module reaches
+itself through others (no import circle anywhere), and the pure math imports nothing but torch and the
+registry.
 """
 from __future__ import annotations
 
@@ -18,6 +20,21 @@ pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parent.parent
 ALLOWED = {"pipeline": {"pipeline"}, "actors": {"pipeline", "actors"}, "tuning": {"pipeline", "actors", "tuning"}}
 PROJECT = set(ALLOWED)
+
+# The library's floors, bottom first: a room (a folder of pipeline/) or a top-level module may import its own
+# floor and those below. Pure parts at the bottom; the contracts every room reads; the rooms; what the
+# commands run on top.
+FLOORS = [
+    {"algorithms", "registry", "errors", "torch_env", "batch", "weights", "collective", "small_models",
+     "tracking", "plots", "__init__"},
+    {"config", "models", "checkpoint"},
+    {"data"},
+    {"rewards"},
+    {"envs"},
+    {"rollout"},
+    {"trainers"},
+    {"demo", "runs"},
+]
 
 
 def imports(path: Path) -> list[tuple[int, str]]:
@@ -56,6 +73,67 @@ def test_the_pure_math_imports_only_torch_and_the_registry():
              if module not in allowed and module.split(".")[0] not in ("torch",)
              and not module.startswith("pipeline.algorithms")]
     assert not wrong, wrong
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Project module -> the project modules it imports (`from pkg import mod` counts as importing `pkg.mod`)."""
+    modules = {module_name(p): p for folder in sorted(PROJECT) for p in files(folder)}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                           for a in node.names]
+            edges |= {t for t in targets if t in modules and t != name}
+        graph[name] = edges
+    return graph
+
+
+def floor(module: str) -> int:
+    parts = module.split(".")
+    room = parts[1] if len(parts) > 1 else "__init__"
+    found = [i for i, rooms in enumerate(FLOORS) if room in rooms]
+    assert found, f"{module}: pipeline/{room} is on no floor of tests/test_layout.py's FLOORS; give it one"
+    return found[0]
+
+
+def test_rooms_import_only_their_floor_and_below():
+    graph = module_graph()
+    wrong = [f"{a} (floor {floor(a)}) imports {b} (floor {floor(b)})" for a, edges in graph.items()
+             if a.startswith("pipeline") for b in edges if b.startswith("pipeline") and floor(b) > floor(a)]
+    assert not wrong, wrong
+
+
+def test_no_import_circle():
+    graph, circles, state = module_graph(), [], {}
+
+    def visit(node, path):                       # depth-first; a grey node met again closes a circle
+        state[node] = "grey"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "grey":
+                circles.append(" -> ".join(path[path.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = "black"
+
+    for start in sorted(graph):
+        if start not in state:
+            visit(start, [start])
+    assert not circles, circles
+
+
+def test_the_top_of_the_library_keeps_only_what_rooms_share():
+    top = sorted(p.name for p in (ROOT / "pipeline").glob("*.py"))
+    assert len(top) <= 16, top
 
 
 def test_the_check_sees_a_violation(tmp_path):

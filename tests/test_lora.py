@@ -31,7 +31,7 @@ def _adapters_nonzero(model, seed=0):
 
 @pytest.mark.unit
 def test_merged_state_is_peft_merge_and_leaves_the_model_alone(tiny_task):
-    from pipeline.lora import apply_lora, merged_state
+    from pipeline.trainers.lora import apply_lora, merged_state
     from pipeline.models import load_causal_lm
 
     plain = load_causal_lm(tiny_task["model"])
@@ -54,7 +54,7 @@ def test_merged_state_is_peft_merge_and_leaves_the_model_alone(tiny_task):
 
 @pytest.mark.unit
 def test_bad_target_modules_name_the_model_layers(tiny_task):
-    from pipeline.lora import apply_lora
+    from pipeline.trainers.lora import apply_lora
     from pipeline.models import load_causal_lm
 
     with pytest.raises(ValueError, match=r"lora.target_modules=\['qkv'\].*q_proj"):
@@ -63,9 +63,9 @@ def test_bad_target_modules_name_the_model_layers(tiny_task):
 
 @pytest.mark.unit
 def test_only_adapters_train_and_checkpoint_and_the_base_is_the_reference(tiny_task, tmp_path):
-    from pipeline.lora import merged_state
+    from pipeline.trainers.lora import merged_state
     from pipeline.models import load_causal_lm
-    from pipeline.reference import ReferencePolicy
+    from pipeline.rollout.reference import ReferencePolicy
     from pipeline.trainers.ppo import PolicyLearner
     from tests.test_collective import _scored_batch
 
@@ -113,7 +113,7 @@ def test_generator_follows_the_adapters_after_every_sync(tiny_task, tmp_path, sy
     """Three updates; after each the generator gets the learner's weights (or, sync=False, does not). The
     generator's own log-probs of its next rollout must equal the learner's current policy's: with the sync
     skipped they do not, so this check is one that can fail."""
-    from pipeline.generator import RolloutGenerator
+    from pipeline.rollout.generator import RolloutGenerator
     from tests.test_collective import _scored_batch
 
     cfg = _cfg(tiny_task, tmp_path, "algorithm.kl_coef=0")

@@ -9,11 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.data import DataError, PromptSampler, read_prompt_table
+from pipeline.data.prompt_table import DataError, PromptSampler, read_prompt_table
 from pipeline.demo.task import make_arithmetic_task
-from pipeline.engine import lr_factor
-from pipeline.evaluation import exact_match_accuracy
-from pipeline.generation import sample_completions
+from pipeline.trainers.engine import lr_factor
+from pipeline.rollout.evaluation import exact_match_accuracy
+from pipeline.rollout.generation import sample_completions
 from pipeline.models import ModelLoadError, ValueModel, completion_forward, load_causal_lm, load_tokenizer
 from pipeline.small_models import build_char_tokenizer, build_tiny_model
 from pipeline.trainers.sft import encode_supervised, sft_loss, supervised_finetune

@@ -6,7 +6,7 @@ import torch
 from actors.driver import Trainer
 from actors.pools import ClusterTooSmall, check_fits, layout, start_actors
 from pipeline.config import load_config
-from pipeline.data import read_prompt_table
+from pipeline.data.prompt_table import read_prompt_table
 from tests.rewards_for_tests import sevens
 
 pytestmark = pytest.mark.ray

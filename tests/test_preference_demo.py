@@ -29,7 +29,7 @@ def test_pairs_carry_the_configured_label_noise(tmp_path):
 
 
 def test_init_model_without_template_has_only_the_data_characters(tmp_path):
-    from pipeline.task_model import init_model
+    from pipeline.runs.init_model import init_model
 
     paths = make_preference_task(tmp_path / "d", n_demos=20, n_pairs=20, n_eval_pairs=5, n_prompts=5, n_eval=5)
     info = init_model([paths["demos"], paths["pairs"]], tmp_path / "m", chat_template=False)

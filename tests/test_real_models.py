@@ -16,8 +16,8 @@ import torch
 from pipeline.algorithms.advantages import AdvantageInputs, compute_advantages, place_sequence_reward
 from pipeline.batch import TrainBatch
 from pipeline.config import ConfigError, load_config
-from pipeline.data import read_prompt_table
-from pipeline.generator import RolloutGenerator
+from pipeline.data.prompt_table import read_prompt_table
+from pipeline.rollout.generator import RolloutGenerator
 from pipeline.trainers.ppo import PolicyLearner
 
 pytestmark = pytest.mark.unit
@@ -41,7 +41,6 @@ def scored_batch(cfg, path=None, seed=1) -> TrainBatch:
                                  list(range(len(prompts) * G)), step=seed)
     scores = torch.rand(len(rollout.prompts), generator=torch.Generator().manual_seed(seed)).round()
     batch = TrainBatch(rollout=rollout, scores=scores, score_failed=torch.zeros(len(scores), dtype=torch.bool))
-    batch.old_logprobs = rollout.logprobs
     a = cfg.algorithm
     if a.name == "gae":
         batch.values = PolicyLearner(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="float32"))
@@ -148,7 +147,7 @@ def test_a_folders_generation_config_does_not_change_what_is_sampled(bpe_task, t
 
 
 def test_completion_text_is_not_cleaned_up(bpe_task):
-    from pipeline.generation import decode_completions
+    from pipeline.rollout.generation import decode_completions
     from pipeline.models import load_tokenizer
 
     tok = load_tokenizer(bpe_task["model"])
@@ -226,6 +225,7 @@ def test_recomputed_pi_old_makes_the_first_ratio_one(bpe_task):
     batch = scored_batch(cfg32)
     learner = PolicyLearner(cfg32)
     batch.old_logprobs = learner.rollout_forward(batch.rollout, old_logprobs=True)["old_logprobs"]
+    batch.pi_old = "learner"
     mask = batch.rollout.completion_mask
     rows = torch.arange(len(mask))
     new = learner._forward(batch.rollout, rows)["logprobs"]
@@ -251,9 +251,9 @@ def test_pi_old_from_the_updates_own_forward_trains_as_the_separate_pass(bpe_tas
     batch = scored_batch(cfg)
     assert old_logprobs_from_update(cfg, batch.num_sequences)
     with_pass, from_update = PolicyLearner(cfg), PolicyLearner(cfg)
-    separate = dataclasses.replace(batch, old_logprobs=with_pass.rollout_forward(batch.rollout, old_logprobs=True)
-                                   ["old_logprobs"])
-    fused = dataclasses.replace(batch, old_logprobs=None, old_from_update=True)
+    separate = dataclasses.replace(batch, pi_old="learner", old_logprobs=with_pass.rollout_forward(
+        batch.rollout, old_logprobs=True)["old_logprobs"])
+    fused = dataclasses.replace(batch, old_logprobs=None, pi_old="update")
     a, b = update(with_pass, separate), update(from_update, fused)
     for key in ("policy/loss", "policy/tis_weight_mean", "policy/approx_kl", "optim/grad_norm"):
         assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), key
@@ -267,7 +267,7 @@ def test_pi_old_from_the_updates_own_forward_trains_as_the_separate_pass(bpe_tas
     assert not old_logprobs_from_update(bpe_config(bpe_task, "algorithm.old_logprobs=sampler"), batch.num_sequences)
     two = PolicyLearner(dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, epochs=2)))
     with pytest.raises(RuntimeError, match="one optimizer step"):
-        update(two, dataclasses.replace(batch, old_logprobs=None, old_from_update=True))
+        update(two, dataclasses.replace(batch, old_logprobs=None, pi_old="update"))
 
 
 def test_old_logprobs_auto_recomputes_exactly_when_the_dtype_is_not_float32(bpe_task):
@@ -358,7 +358,7 @@ def test_gradient_checkpointing_gives_the_same_gradient(bpe_task):
 def test_conversations_are_rendered_by_the_chat_template_with_one_bos(bpe_task):
     """Finding 7: no chat template support, and a pre-rendered prompt got a second BOS."""
     from pipeline.models import load_tokenizer
-    from pipeline.prompts import PromptFormat
+    from pipeline.data.prompt_format import PromptFormat
 
     tok = load_tokenizer(bpe_task["model"])
     bos = tok.bos_token_id
@@ -389,7 +389,7 @@ def test_a_messages_column_trains_through_the_generator(bpe_task):
 
 def test_chat_template_without_one_is_a_clear_error(tiny_task):
     from pipeline.models import load_tokenizer
-    from pipeline.prompts import PromptError, PromptFormat
+    from pipeline.data.prompt_format import PromptError, PromptFormat
 
     with pytest.raises(PromptError, match="no chat template"):
         PromptFormat(load_tokenizer(tiny_task["model"]), chat_template=True)
@@ -405,8 +405,8 @@ def test_a_prompt_too_long_for_the_models_positions_is_refused_before_anything_r
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.preflight import preflight
-    from pipeline.prompts import PromptError
+    from pipeline.runs.preflight import preflight
+    from pipeline.data.prompt_format import PromptError
 
     prompts = ["1+1="] * 5 + [" ".join(["the sum"] * 40)]
     path = tmp_path / "long.parquet"

@@ -59,7 +59,7 @@ def test_a_score_alone_equals_its_score_in_any_padded_batch(tmp_path, backbone):
     (shorter and longer ones, padded right and, for decoders, left), even when the config's pad id is not the
     tokenizer's (the classifier's own pooling then read padding) or pad == eos (it then skipped the EOS)."""
     from pipeline.models import load_tokenizer
-    from pipeline.reward_models import build_reward_model, encode_for_reward, pad_right, reward_scores
+    from pipeline.rewards.models import build_reward_model, encode_for_reward, pad_right, reward_scores
     from pipeline.small_models import build_bpe_model, build_tiny_model
 
     if backbone == "minilm":
@@ -103,7 +103,7 @@ def test_reward_model_on_pretrained_minilm_ranks_unseen_words(tmp_path):
     the 4 words it never saw, which only a backbone that knows the words can rank."""
     from transformers import AutoModelForSequenceClassification
 
-    from pipeline.reward_models import RewardModelFunction
+    from pipeline.rewards.models import RewardModelFunction
 
     train = category_pairs(tmp_path / "train.parquet", 300, slice(0, 8), seed=0)
     held_out = category_pairs(tmp_path / "eval.parquet", 100, slice(8, 12), seed=1)
@@ -128,7 +128,7 @@ def test_reward_model_on_a_decoder_resumes_exactly(tmp_path, monkeypatch):
     (the response that reuses more of the prompt's letters wins); killed after a checkpoint, resumed."""
     import random
 
-    from pipeline.task_model import init_model
+    from pipeline.runs.init_model import init_model
 
     rng = random.Random(0)
     rows = []

@@ -10,8 +10,8 @@ from actors.cli import main
 from actors.driver import Trainer
 from actors.pools import start_actors
 from pipeline.config import ConfigError, load_config
-from pipeline.data import read_prompt_table
-from pipeline.rewards import RewardComposer, RunningMoments, reward_model_names, shape_scores
+from pipeline.data.prompt_table import read_prompt_table
+from pipeline.rewards.functions import RewardComposer, RunningMoments, reward_model_names, shape_scores
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def tiny_reward_model(tiny_task, tmp_path_factory):
     folder as `rlpipe reward-model` writes them."""
     from pipeline.checkpoint import save_hf_model
     from pipeline.models import load_tokenizer
-    from pipeline.reward_models import build_reward_model
+    from pipeline.rewards.models import build_reward_model
 
     tokenizer = load_tokenizer(tiny_task["model"])
     torch.manual_seed(0)
@@ -75,7 +75,7 @@ def test_a_path_that_is_not_a_reward_model_is_one_error_before_anything_is_writt
 
 
 def test_composer_mixes_a_reward_model_with_rule_functions(tiny_task, tiny_reward_model):
-    from pipeline.reward_models import RewardModelFunction
+    from pipeline.rewards.models import RewardModelFunction
 
     composer = RewardComposer(["exact_match"], [2.0], models=[{"path": tiny_reward_model, "weight": 0.5,
                                                               "batch_size": 3}])
@@ -103,7 +103,7 @@ def test_critic_starts_as_the_reward_model(tiny_reward_model):
 @pytest.mark.ray
 def test_two_reward_model_scorers_load_once_score_each_sample_once_and_survive_a_death(
         tiny_task, tiny_reward_model, tmp_path, ray_with_marker):
-    from pipeline.reward_models import RewardModelFunction
+    from pipeline.rewards.models import RewardModelFunction
 
     cfg = load_config(None, [
         f"model.path={tiny_task['model']}", f"data.train_path={tiny_task['data']['train']}", "data.eval_path=null",

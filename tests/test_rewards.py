@@ -4,7 +4,7 @@ import textwrap
 
 import pytest
 
-from pipeline.rewards import (REWARD_FUNCTIONS, RewardComposer, RewardLoadError, ScoredShard, merge_scored_shards,
+from pipeline.rewards.functions import (REWARD_FUNCTIONS, RewardComposer, RewardLoadError, ScoredShard, merge_scored_shards,
                               resolve_reward_fn)
 
 pytestmark = pytest.mark.unit
@@ -114,7 +114,7 @@ def test_digit_match_gives_partial_credit_aligned_from_the_right():
 
 
 def test_scored_shards_merge_in_sample_order_and_each_sample_once():
-    from pipeline.rewards import ScoredShard, merge_scored_shards
+    from pipeline.rewards.functions import ScoredShard, merge_scored_shards
 
     def shard(raw):   # as the composer makes them: a failed sample scores failed_reward (0.0)
         return ScoredShard(scores=[0.0 if v is None else v for v in raw], failed=[v is None for v in raw],

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from actors.cli import main
-from pipeline.sft_data import read_demonstrations
-from pipeline.supervised_runs import SFTConfig, run_sft
-from pipeline.task_model import init_model
+from pipeline.data.demonstrations import read_demonstrations
+from pipeline.runs.supervised import SFTConfig, run_sft
+from pipeline.runs.init_model import init_model
 
 TESTS = Path(__file__).parent
 
@@ -109,7 +109,7 @@ def test_a_reply_to_a_conversation_ends_with_the_templates_end_of_turn(bpe_task)
     """The chat template closes the assistant's turn with <|im_end|>: SFT trains that token after a reply to a
     rendered conversation (as the template writes the turn), and <eos> after a reply to a plain text prompt."""
     from pipeline.models import load_tokenizer
-    from pipeline.prompts import PromptFormat
+    from pipeline.data.prompt_format import PromptFormat
     from pipeline.trainers.sft import encode_supervised
 
     tokenizer = load_tokenizer(bpe_task["model"])

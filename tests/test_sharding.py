@@ -87,7 +87,7 @@ def test_sharded_learners_hold_the_reference_and_offload_to_cpu(tiny_task, ray_l
     from actors.shells import Learner
     from pipeline.collective import DP_GROUP
     from pipeline.config import learner_reference
-    from pipeline.reference import ReferencePolicy
+    from pipeline.rollout.reference import ReferencePolicy
 
     cfg = _cfg(tiny_task, tmp_path, "grpo", 2, "algorithm.kl_coef=0.1", "learner.cpu_offload=true")
     assert learner_reference(cfg)                                   # so the pools start no reference actor

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from actors.cli import main
 from actors.supervised import launch_learners
-from pipeline.supervised_runs import RewardModelConfig, SFTConfig, run_reward_model, run_sft
+from pipeline.runs.supervised import RewardModelConfig, SFTConfig, run_reward_model, run_sft
 
 
 def weights(run_dir):

@@ -124,7 +124,7 @@ def test_resuming_a_folder_of_another_command_names_the_command_that_resumes_it(
 @pytest.mark.unit
 def test_empty_prompts_are_dropped_with_a_count_and_all_empty_is_refused(tiny_task, tmp_path, capsys, no_ray):
     from pipeline.config import load_config
-    from pipeline.preflight import preflight
+    from pipeline.runs.preflight import preflight
 
     prompts = ["1+2=", "", "   ", "3+4=", "", ""]
     pq.write_table(pa.table({"prompt": prompts, "answer": ["3", "", "", "7", "", ""]}), tmp_path / "some.parquet")
@@ -154,7 +154,7 @@ def stop_before_training(monkeypatch):
         seen.append(what)
         raise ReachedRay
 
-    monkeypatch.setattr("pipeline.supervised_runs.train_in_run_folder", stop)
+    monkeypatch.setattr("pipeline.runs.supervised.train_in_run_folder", stop)
     return seen
 
 
@@ -182,3 +182,26 @@ def test_reward_model_on_a_small_file_holds_out_a_tenth(tiny_task, tmp_path, sto
         main(["reward-model", "--model", tiny_task["model"], "--data", str(tmp_path / "pairs.parquet"),
               "--out", str(tmp_path / "o")])
     assert stop_before_training[0].startswith("reward model: 90 training pairs, 10 held out")
+
+
+@pytest.mark.unit
+def test_one_set_of_run_folder_rules_for_every_command(tmp_path):
+    """`rlpipe train` and the supervised commands claim their folders by the same rules: a folder holding any
+    command's run is refused unless replaced (--overwrite) or continued (--resume, only by its own command)."""
+    from pipeline.runs.folder import RunFolderError, claim_run_folder
+
+    fresh = claim_run_folder(tmp_path / "new", "sft.yaml", resume=False, overwrite=False, where="--out")
+    assert fresh.is_dir() and not any(fresh.iterdir())
+    (fresh / "sft.yaml").write_text("model: m\n")
+    (fresh / "checkpoints").mkdir()
+    for settings, where in (("sft.yaml", "--out"), ("config.yaml", "train.output_dir")):
+        with pytest.raises(RunFolderError, match=f"{where} '{fresh}' already holds a run; pass --resume"):
+            claim_run_folder(fresh, settings, resume=False, overwrite=False, where=where)
+    with pytest.raises(RunFolderError, match="is a run folder of `rlpipe sft`, not of `rlpipe train`"):
+        claim_run_folder(fresh, "config.yaml", resume=True, overwrite=False, where="train.output_dir")
+    assert claim_run_folder(fresh, "sft.yaml", resume=True, overwrite=False, where="--out") == fresh
+    assert (fresh / "checkpoints").is_dir()                          # resuming keeps what is there
+    claim_run_folder(fresh, "config.yaml", resume=False, overwrite=True, where="train.output_dir")
+    assert not any(fresh.iterdir())                                   # replaced
+    with pytest.raises(RunFolderError, match="holds no rlpipe reward-model run"):
+        claim_run_folder(fresh, "reward_model.yaml", resume=True, overwrite=False, where="--out")

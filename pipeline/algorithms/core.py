@@ -196,7 +196,8 @@ def clipped_policy_loss(
     """PPO-clip surrogate loss (to minimise), with DAPO clip-higher and optional dual-clip.
 
     logprobs: (N, T) float, log pi_theta(token), carries the gradient.
-    old_logprobs: (N, T) float, log pi_old(token) from the sampler; advantages: (N, T) float; mask: (N, T) bool.
+    old_logprobs: (N, T) float, log pi_old(token) (the sampler's, a learner pass's or the update's own, detached);
+    advantages: (N, T) float; mask: (N, T) bool.
     ratio r = exp(logprobs - old_logprobs); per token
         loss = max(-A r, -A clip(r, 1 - clip_range, 1 + clip_range_high))    (clip_range_high defaults to clip_range)
     and with dual_clip = c > 1, for A < 0 only: loss = min(loss, -A c), bounding the loss when r >> 1 (Ye et al.).

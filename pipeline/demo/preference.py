@@ -105,9 +105,9 @@ def measure_policy(policy_dir, reference_dir, reward_model_dirs, prompts: list[s
     sum_t log pi(y_t) - log pi_ref(y_t) (k1, unbiased)."""
     import torch
 
-    from pipeline.generation import neutral_generation_config, sample_completions
+    from pipeline.rollout.generation import neutral_generation_config, sample_completions
     from pipeline.models import completion_forward, load_causal_lm, load_tokenizer
-    from pipeline.reward_models import RewardModelFunction
+    from pipeline.rewards.models import RewardModelFunction
 
     policy, tokenizer = load_causal_lm(policy_dir), load_tokenizer(policy_dir)
     policy.generation_config = neutral_generation_config(policy, tokenizer)
@@ -136,7 +136,7 @@ def ensemble_accuracy(reward_model_dirs, pairs_path) -> float:
     import torch
 
     from pipeline.algorithms.preference import pairwise_accuracy
-    from pipeline.reward_models import RewardModelFunction
+    from pipeline.rewards.models import RewardModelFunction
 
     pairs = pq.read_table(pairs_path, columns=["prompt", "chosen", "rejected"]).to_pydict()
     chosen, rejected = torch.zeros(len(pairs["prompt"])), torch.zeros(len(pairs["prompt"]))

@@ -66,7 +66,7 @@ def _demo_threads(fn):
 
 
 def _read_split(path) -> tuple[list[str], list[str]]:
-    from pipeline.data import read_prompt_table
+    from pipeline.data.prompt_table import read_prompt_table
 
     table = read_prompt_table(path, required_columns=("prompt", "answer"))
     return table.column("prompt").to_pylist(), [str(a) for a in table.column("answer").to_pylist()]

@@ -67,7 +67,7 @@ class EngineTrainer:
         """Hold model and tokenizer, and the engine (options as `TrainEngine` takes them) on the model's device.
         rank / world_size / group: this learner's place among data-parallel learners and their process group
         (looked up at each step: learners join it after they are built)."""
-        from pipeline.engine import TrainEngine
+        from pipeline.trainers.engine import TrainEngine
 
         self.model, self.tokenizer = model, tokenizer
         self.rank, self.world_size = rank, world_size
@@ -129,89 +129,120 @@ def train_loop(trainer, *, eval_every: int, max_steps: Optional[int] = None,
     the model holds now), "curve": [(step, seconds, metrics)],
     "steps", "seconds", "skipped_steps"}.
     """
-    from pipeline.checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng,
-                                     save_checkpoint)
-
     if max_steps is None and time_budget_s is None and patience is None:
         raise ValueError("train_loop needs max_steps, time_budget_s or patience to stop")
-    checkpoints = Path(run_dir) / "checkpoints" if run_dir else None
-    best_dir = Path(run_dir) / "best" if run_dir else None
-    step, elapsed_before, curve, losses = 0, 0.0, [], []
-    best: dict = {}
-    if resume and checkpoints is not None and latest_checkpoint(checkpoints):
-        ckpt = load_checkpoint(latest_checkpoint(checkpoints))
-        trainer.load_state(ckpt.models, ckpt.optimizers)
-        restore_rng(ckpt.rng)
-        step, elapsed_before = ckpt.step, ckpt.extra["seconds"]
-        curve = [(s, t, m) for s, t, m in ckpt.extra["curve"]]
-        best = dict(ckpt.extra["best"], state=None)        # its weights are in run_dir/best
-        log(f"resumed at step {step} from {ckpt.path} (best {best['score']:.4g} at step {best['step']})")
-    start = time.perf_counter() - elapsed_before
-
-    def elapsed() -> float:
-        return time.perf_counter() - start
-
-    def evaluate() -> None:
-        nonlocal best
-        metrics = trainer.evaluate()
-        if losses:
-            metrics["train/loss"] = float(np.mean(losses))
-            losses.clear()
-        curve.append((step, elapsed(), metrics))
-        if tracker is not None:
-            tracker.log_metrics(step, metrics)
-        score = trainer.score(metrics)
-        shown = "  ".join(f"{k} {_fmt(k, v)}" for k, v in metrics.items())
-        log(f"step {step:5d}  {shown}  {elapsed():6.1f} s")
-        if not best or score > best["score"]:
-            best = {"score": score, "step": step, "metrics": metrics,
-                    "state": trainer.weights()}
-            if best_dir is not None:
-                trainer.save_model(best_dir)
-
-    def checkpoint() -> None:
-        models, optimizers = trainer.state()
-        save_checkpoint(checkpoints, step, models=models, optimizers=optimizers, rng=capture_rng_state(),
-                        extra={"seconds": elapsed(), "curve": curve,
-                               "best": {k: v for k, v in best.items() if k != "state"}})
-
-    if not curve:
-        evaluate()
+    run = _LoopState(trainer, run_dir, tracker, log)
+    if resume:
+        run.resume()                        # step, curve, best and data order from the last checkpoint
+    if not run.curve:
+        run.evaluate()                      # step 0
     stopped_early = False
-    while not ((max_steps is not None and step >= max_steps)
-               or (time_budget_s is not None and elapsed() >= time_budget_s)):
-        losses.append(trainer.train_step()["loss"])
-        step += 1
-        if checkpoints is not None and checkpoint_every and step % checkpoint_every == 0 and step % eval_every:
-            checkpoint()
-        if step % eval_every:
+    while not run.out_of_budget(max_steps, time_budget_s):
+        run.train_step()
+        checkpoint_due = bool(checkpoint_every) and run.step % checkpoint_every == 0
+        if run.step % eval_every:
+            if checkpoint_due:
+                run.checkpoint()
             continue
-        evaluate()
-        if checkpoints is not None and checkpoint_every and step % checkpoint_every == 0:
-            checkpoint()
-        evals_since_best = sum(1 for s, _, _ in curve if s > best["step"])
-        if patience is not None and evals_since_best >= patience:
+        run.evaluate()
+        if checkpoint_due:
+            run.checkpoint()
+        if patience is not None and run.evals_since_best() >= patience:
             stopped_early = True
             break
-    if curve[-1][0] != step:  # the budget ran out between evaluations: score the final weights too
-        evaluate()
-    if checkpoints is not None:
-        checkpoint()
-    final_metrics = curve[-1][2]
-    if patience is not None and best["step"] != step:
-        if best["state"] is not None:
-            trainer.load_weights(best["state"])
-        else:                                  # resumed: the best weights are the saved folder's
-            from safetensors.torch import load_file
+    return run.finish(patience, stopped_early)
 
-            trainer.load_weights(_folder_state(best_dir, load_file), strict=False)
-    if stopped_early:
-        log(f"early stop: no better held-out score in {patience} evaluations; best weights are step {best['step']}'s")
-    return {"best_score": best["score"], "best_step": best["step"], "best_metrics": best["metrics"],
-            "final_metrics": final_metrics,
-            "kept_metrics": best["metrics"] if patience is not None else final_metrics,
-            "curve": curve, "steps": step, "seconds": elapsed(),
-            "skipped_steps": getattr(trainer, "skipped_steps", 0)}
+
+class _LoopState:
+    """What `train_loop` carries from step to step, and its stages: resume, evaluate (keeping the best
+    weights), checkpoint, finish (restoring the best weights under early stopping)."""
+
+    def __init__(self, trainer, run_dir: Optional[str], tracker, log: Callable[[str], None]):
+        self.trainer, self.tracker, self.log = trainer, tracker, log
+        self.checkpoints = Path(run_dir) / "checkpoints" if run_dir else None
+        self.best_dir = Path(run_dir) / "best" if run_dir else None
+        self.step, self.curve, self.losses, self.best = 0, [], [], {}
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def resume(self) -> None:
+        from pipeline.checkpoint import latest_checkpoint, load_checkpoint, restore_rng
+
+        if self.checkpoints is None or not latest_checkpoint(self.checkpoints):
+            return
+        ckpt = load_checkpoint(latest_checkpoint(self.checkpoints))
+        self.trainer.load_state(ckpt.models, ckpt.optimizers)
+        restore_rng(ckpt.rng)
+        self.step = ckpt.step
+        self.start = time.perf_counter() - ckpt.extra["seconds"]     # the time before the stop counts
+        self.curve = [(s, t, m) for s, t, m in ckpt.extra["curve"]]
+        self.best = dict(ckpt.extra["best"], state=None)             # its weights are in run_dir/best
+        self.log(f"resumed at step {self.step} from {ckpt.path} (best {self.best['score']:.4g} at step "
+                 f"{self.best['step']})")
+
+    def out_of_budget(self, max_steps: Optional[int], time_budget_s: Optional[float]) -> bool:
+        return ((max_steps is not None and self.step >= max_steps)
+                or (time_budget_s is not None and self.elapsed() >= time_budget_s))
+
+    def train_step(self) -> None:
+        self.losses.append(self.trainer.train_step()["loss"])
+        self.step += 1
+
+    def evaluate(self) -> None:
+        """Held-out metrics (with the mean train loss since the last evaluation), logged; a new best keeps
+        its weights (and writes run_dir/best)."""
+        metrics = self.trainer.evaluate()
+        if self.losses:
+            metrics["train/loss"] = float(np.mean(self.losses))
+            self.losses.clear()
+        self.curve.append((self.step, self.elapsed(), metrics))
+        if self.tracker is not None:
+            self.tracker.log_metrics(self.step, metrics)
+        score = self.trainer.score(metrics)
+        shown = "  ".join(f"{k} {_fmt(k, v)}" for k, v in metrics.items())
+        self.log(f"step {self.step:5d}  {shown}  {self.elapsed():6.1f} s")
+        if not self.best or score > self.best["score"]:
+            self.best = {"score": score, "step": self.step, "metrics": metrics, "state": self.trainer.weights()}
+            if self.best_dir is not None:
+                self.trainer.save_model(self.best_dir)
+
+    def evals_since_best(self) -> int:
+        return sum(1 for s, _, _ in self.curve if s > self.best["step"])
+
+    def checkpoint(self) -> None:
+        from pipeline.checkpoint import capture_rng_state, save_checkpoint
+
+        if self.checkpoints is None:
+            return
+        models, optimizers = self.trainer.state()
+        save_checkpoint(self.checkpoints, self.step, models=models, optimizers=optimizers, rng=capture_rng_state(),
+                        extra={"seconds": self.elapsed(), "curve": self.curve,
+                               "best": {k: v for k, v in self.best.items() if k != "state"}})
+
+    def finish(self, patience: Optional[int], stopped_early: bool) -> dict:
+        """Score the final weights (if the budget ran out between evaluations), checkpoint, restore the best
+        weights under early stopping, and the loop's result (see `train_loop`)."""
+        if self.curve[-1][0] != self.step:
+            self.evaluate()
+        self.checkpoint()
+        final_metrics, best = self.curve[-1][2], self.best
+        if patience is not None and best["step"] != self.step:
+            if best["state"] is not None:
+                self.trainer.load_weights(best["state"])
+            else:                                  # resumed: the best weights are the saved folder's
+                from safetensors.torch import load_file
+
+                self.trainer.load_weights(_folder_state(self.best_dir, load_file), strict=False)
+        if stopped_early:
+            self.log(f"early stop: no better held-out score in {patience} evaluations; best weights are step "
+                     f"{best['step']}'s")
+        return {"best_score": best["score"], "best_step": best["step"], "best_metrics": best["metrics"],
+                "final_metrics": final_metrics,
+                "kept_metrics": best["metrics"] if patience is not None else final_metrics,
+                "curve": self.curve, "steps": self.step, "seconds": self.elapsed(),
+                "skipped_steps": getattr(self.trainer, "skipped_steps", 0)}
 
 
 def _folder_state(folder: Path, load_file) -> dict:

@@ -1,6 +1,6 @@
 """The PPO-family learner: the policy objective (clipped surrogate, KL to the reference, entropy bonus) and
 the critic's value loss, on one step's scored batch. Models, optimizers, precision, micro-batches, the
-data-parallel reduction and weight export are the engines' (`pipeline.engine.TrainEngine`, one for the
+data-parallel reduction and weight export are the engines' (`pipeline.trainers.engine.TrainEngine`, one for the
 policy and, for `model.critic=separate`, one for the critic); this class keeps only the objective.
 
 Runs without Ray; `actors.shells.Learner` is its remote shell. The losses come from
@@ -32,10 +32,10 @@ from pipeline.algorithms.core import (aggregate_loss, clipped_policy_loss, clipp
 from pipeline.batch import Rollout, TrainBatch
 from pipeline.collective import DP_GROUP, SYNC_GROUP, GroupMember, send_weights
 from pipeline.config import RunConfig, learner_reference, learners_sharded, old_logprobs_from_update
-from pipeline.engine import TrainEngine, held_parameters, lr_factor, shard_model
+from pipeline.trainers.engine import TrainEngine, held_parameters, lr_factor, shard_model
 from pipeline.models import (ValueModel, completion_forward, left_padded_positions, load_causal_lm,
                              new_value_head, values_from_hidden)
-from pipeline.reference import load_reference_model
+from pipeline.rollout.reference import load_reference_model
 from pipeline.torch_env import derive_seed, resolve_device, setup_torch
 from pipeline.weights import WeightsPacket, pack_weights, state_checksum
 
@@ -174,7 +174,7 @@ class PolicyLearner(GroupMember):
         lr = lc.lr * lr_factor(self.version, lc.warmup_steps)
         self.policy.set_lr(lr)
         n, mask = batch.num_sequences, r.completion_mask
-        if batch.old_from_update and not old_logprobs_from_update(self.cfg, n):
+        if batch.pi_old == "update" and not old_logprobs_from_update(self.cfg, n):
             raise RuntimeError(f"pi_old from the update's own forward needs one optimizer step over the batch; "
                                f"learner.epochs={lc.epochs}, minibatch_size={lc.minibatch_size}, {n} rows")
         gen = torch.Generator().manual_seed(derive_seed(self.cfg.train.seed, self.version))
@@ -203,7 +203,7 @@ class PolicyLearner(GroupMember):
             names.append("policy/kl")
         if self.cfg.algorithm.tis_cap:
             names += ["policy/tis_weight_mean", "policy/tis_truncated_frac"]
-        if batch.old_from_update:
+        if batch.pi_old == "update":
             names.append("policy/sampler_logprob_gap")
         if self.value_head is not None or self.critic is not None:
             names += ["value/loss", "value/clip_frac"]
@@ -218,38 +218,33 @@ class PolicyLearner(GroupMember):
         rows, full_mask = full.tensor_split(self.world_size)[self.rank], r.completion_mask[full]
         length, most = r.prompt_ids.shape[1] + r.completion_ids.shape[1], -(-len(full) // self.world_size)
         share = shard_weight(r.completion_mask[rows], full_mask, agg) if len(rows) else 0.0
-        stats: dict[str, float] = {}
 
-        def add(figures: dict, weight: float) -> None:
-            for k, v in figures.items():
-                stats[k] = stats.get(k, 0.0) + weight * v
+        def weight(part):               # the micro-batch's share of the whole minibatch's loss
+            return shard_weight(r.completion_mask[part], full_mask, agg)
 
-        def passes(engine, loss):       # a sharded rank's padding pass: any row, weight 0
-            for part in engine.micro_batches(rows, length, most):
-                weight = shard_weight(r.completion_mask[part], full_mask, agg) if len(part) else 0.0
-                add(loss(batch, part if len(part) else full[:1], weight), weight)
-
-        passes(self.policy, self._policy_loss)
-        add({"optim/grad_norm": self.policy.step()["grad_norm"]}, share)    # an empty rank joins the all-reduce
+        # A sharded rank's padding pass runs on any row (full[:1]) with weight 0; an empty rank still steps.
+        stats, step = self.policy.train_step(rows, length, lambda part: self._policy_loss(batch, part), weight,
+                                             most=most, stand_in=full[:1])
+        stats["optim/grad_norm"] = share * step["grad_norm"]
         if self.critic is not None:
-            passes(self.critic, self._value_loss)
-            add({"value/grad_norm": self.critic.step()["grad_norm"]}, share)
+            figures, step = self.critic.train_step(rows, length, lambda part: self._value_loss(batch, part), weight,
+                                                   most=most, stand_in=full[:1])
+            stats.update(figures, **{"value/grad_norm": share * step["grad_norm"]})
         return stats
 
-    def _policy_loss(self, batch: TrainBatch, rows: torch.Tensor, weight: float) -> dict[str, float]:
-        """Forward and backward of the policy objective on `rows` (a micro-batch), its loss weighted by
-        `weight`. The entropy term enters the graph only with a coefficient: 0 * NaN would still be NaN, and
-        its (n, T, V) softmax would be kept for the backward pass for nothing."""
+    def _policy_loss(self, batch: TrainBatch, rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The policy objective on `rows` (a micro-batch; the engine runs it under autocast and takes the
+        backward) and its figures. The entropy term enters the graph only with a coefficient: 0 * NaN would
+        still be NaN, and its (n, T, V) softmax would be kept for the backward pass for nothing."""
         a, d, r = self.cfg.algorithm, self.device, batch.rollout
         mask, sampler = r.completion_mask[rows].to(d), r.logprobs[rows].to(d)
-        with self.policy.autocast():
-            out = self._forward(r, rows, want_entropy=True, entropy_grad=a.entropy_coef > 0,
-                                want_hidden=self.value_head is not None)
+        out = self._forward(r, rows, want_entropy=True, entropy_grad=a.entropy_coef > 0,
+                            want_hidden=self.value_head is not None)
         logprobs = out["logprobs"]
-        if batch.old_from_update:       # the parameters of this one step are pi_old's: its own forward, detached
+        if batch.pi_old == "update":    # the parameters of this one step are pi_old's: its own forward, detached
             old = logprobs.detach().float()
-        else:
-            old = (batch.old_logprobs if batch.old_logprobs is not None else r.logprobs)[rows].to(d)
+        else:                           # the learner pass's, or the sampler's
+            old = batch.pi_old_logprobs[rows].to(d)
         tis = truncated_importance_weights(old, sampler, a.tis_cap) if a.tis_cap else None
         pg_loss, pg = clipped_policy_loss(logprobs, old, batch.advantages[rows].to(d), mask, a.clip_range,
                                           clip_range_high=a.clip_range_high, dual_clip=a.dual_clip,
@@ -258,7 +253,7 @@ class PolicyLearner(GroupMember):
         loss = pg_loss - a.entropy_coef * entropy if a.entropy_coef > 0 else pg_loss
         stats = {"policy/loss": pg_loss.item(), "policy/entropy": entropy.item(),
                  "policy/clip_frac": pg["clip_frac"], "policy/approx_kl": pg["approx_kl"]}
-        if batch.old_from_update:
+        if batch.pi_old == "update":
             stats["policy/sampler_logprob_gap"] = masked_mean((old - sampler).abs(), mask).item()
         if tis is not None:
             stats["policy/tis_weight_mean"] = masked_mean(tis, mask).item()
@@ -275,20 +270,17 @@ class PolicyLearner(GroupMember):
                                             a.value_clip, agg=a.loss_agg, norm=self.norm)
             loss = loss + a.value_coef * v_loss
             stats.update({"value/loss": v_loss.item(), "value/clip_frac": vs["value_clip_frac"]})
-        self.policy.backward(loss, weight)
-        return stats
+        return loss, stats
 
-    def _value_loss(self, batch: TrainBatch, rows: torch.Tensor, weight: float) -> dict[str, float]:
-        """Forward and backward of the separate critic's clipped value loss on `rows`."""
+    def _value_loss(self, batch: TrainBatch, rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The separate critic's clipped value loss on `rows`, and its figures."""
         a, d, r = self.cfg.algorithm, self.device, batch.rollout
         mask = r.completion_mask[rows].to(d)
-        with self.critic.autocast():
-            v = self._critic_values(r, rows).float()
+        v = self._critic_values(r, rows).float()
         v_loss, vs = clipped_value_loss(v, batch.values[rows].to(d), batch.returns[rows].to(d), mask,
                                         a.value_clip, agg=a.loss_agg, norm=self.norm)
-        self.critic.backward(v_loss, weight)
-        return {"value/loss": v_loss.item(), "value/clip_frac": vs["value_clip_frac"],
-                "value/mean": masked_mean(v.detach(), mask).item()}
+        return v_loss, {"value/loss": v_loss.item(), "value/clip_frac": vs["value_clip_frac"],
+                        "value/mean": masked_mean(v.detach(), mask).item()}
 
     # ------------------------------------------------------------------------------------------ weights
     def _generator_state(self) -> dict[str, torch.Tensor] | None:

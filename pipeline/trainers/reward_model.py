@@ -12,13 +12,13 @@ from typing import Optional
 import torch
 
 from pipeline.algorithms.preference import bradley_terry_loss, pairwise_accuracy
-from pipeline.engine import lr_factor
-from pipeline.reward_models import encode_for_reward, pad_right, reward_scores
+from pipeline.trainers.engine import lr_factor
+from pipeline.rewards.models import encode_for_reward, pad_right, reward_scores
 from pipeline.trainers.loop import EngineTrainer, ShuffledRows
 
 
 class RewardModelTrainer(EngineTrainer):
-    """model: from `pipeline.reward_models.build_reward_model`; train / held_out: `PreferencePairs`;
+    """model: from `pipeline.rewards.models.build_reward_model`; train / held_out: `PreferencePairs`;
     rank / world_size / group: as one of several data-parallel learners (`EngineTrainer`)."""
 
     def __init__(self, model, tokenizer, train, held_out, *, lr: float, batch_size: int, seed: int = 0,
@@ -52,21 +52,19 @@ class RewardModelTrainer(EngineTrainer):
 
     def train_step(self) -> dict[str, float]:
         index = self.rows.next()
-        engine = self.engine
-        engine.set_lr(self.lr * lr_factor(self.step_count, self.warmup_steps, self.decay_steps))
         mine = self.my_rows(index)
         length = 2 * max((len(self.train[side][i]["input_ids"]) for side in ("chosen", "rejected")
                           for i in mine), default=0)
-        loss_sum = 0.0
-        for part in engine.micro_batches(mine, length):   # pair-mean over the whole minibatch = sum of shares
-            weight = len(part) / len(index)
-            with engine.autocast():
-                loss = self._loss(self.train, part)[0]
-            engine.backward(loss, weight)
-            loss_sum += weight * loss.item()
-        engine.step()                    # a rank with no rows still joins the gradient all-reduce
+
+        def loss(part):
+            value = self._loss(self.train, part)[0]
+            return value, {"loss": value.item()}
+
+        figures, _ = self.engine.train_step(      # pair-mean over the whole minibatch = sum of shares
+            mine, length, loss, lambda part: len(part) / len(index),
+            lr=self.lr * lr_factor(self.step_count, self.warmup_steps, self.decay_steps))
         self.step_count += 1
-        return {"loss": loss_sum}        # this rank's share: the ranks' sum is the minibatch's loss
+        return {"loss": figures.get("loss", 0.0)}    # this rank's share: the ranks' sum is the minibatch's loss
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

@@ -12,10 +12,10 @@ from typing import Callable, Optional
 
 import torch
 
-from pipeline.engine import lr_factor
-from pipeline.evaluation import exact_match_accuracy
+from pipeline.trainers.engine import lr_factor
+from pipeline.rollout.evaluation import exact_match_accuracy
 from pipeline.models import completion_forward
-from pipeline.prompts import PromptFormat
+from pipeline.data.prompt_format import PromptFormat
 from pipeline.trainers.loop import EngineTrainer, ShuffledRows, train_loop
 
 
@@ -100,19 +100,18 @@ class SupervisedTrainer(EngineTrainer):
 
     def train_step(self) -> dict[str, float]:
         index = self.rows.next()
-        engine = self.engine
-        engine.set_lr(self.lr * lr_factor(self.step_count, self.warmup_steps, self.decay_steps))
         tokens = self.data["completion_mask"][index].sum().clamp(min=1)   # of the whole minibatch, every rank
-        loss_sum = 0.0
-        for part in engine.micro_batches(self.my_rows(index), self.length):   # token-mean = sum of shares
-            weight = float(self.data["completion_mask"][part].sum() / tokens)
-            with engine.autocast():
-                loss = sft_loss(self.model, select_rows(self.data, part, self.device))
-            engine.backward(loss, weight)
-            loss_sum += weight * loss.item()
-        engine.step()                    # a rank with no rows still joins the gradient all-reduce
+
+        def loss(part):
+            value = sft_loss(self.model, select_rows(self.data, part, self.device))
+            return value, {"loss": value.item()}
+
+        figures, _ = self.engine.train_step(      # token-mean = the micro-batches' shares, summed
+            self.my_rows(index), self.length, loss,
+            lambda part: float(self.data["completion_mask"][part].sum() / tokens),
+            lr=self.lr * lr_factor(self.step_count, self.warmup_steps, self.decay_steps))
         self.step_count += 1
-        return {"loss": loss_sum}        # this rank's share: the ranks' sum is the minibatch's loss
+        return {"loss": figures.get("loss", 0.0)}    # this rank's share: the ranks' sum is the minibatch's loss
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

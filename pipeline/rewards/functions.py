@@ -157,7 +157,7 @@ class RewardComposer:
         self.fns = [resolve_reward_fn(s) for s in self.specs]
         self.weights = list(weights) if weights is not None else [1.0] * len(self.fns)
         if models:
-            from pipeline.reward_models import RewardModelFunction
+            from pipeline.rewards.models import RewardModelFunction
 
             for name, m in zip(reward_model_names(models), models):
                 self.specs.append(name)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from pipeline.data import DataError, hold_out, read_prompt_table
+from pipeline.data.prompt_table import DataError, hold_out, read_prompt_table
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Generation backends: the small interface a rollout generator samples through, and transformers' one.
 
 `hf` wraps transformers `generate`. A faster engine (vLLM, SGLang, a CUDA-graph decoder) plugs in by
-registering a class with the same methods; the generator never touches the model itself, so where the
+registering a class with the same methods (in its own module, imported where the room is assembled:
+`pipeline/rollout/__init__.py`); the generator never touches the model itself, so where the
 weights live (a torch module here, an engine's workers elsewhere) is the backend's business.
 
 On-policy sampling: what a model folder's `generation_config` carries (min_p, typical_p, epsilon/eta
@@ -17,7 +18,7 @@ from typing import Optional, Protocol
 
 import torch
 
-from pipeline.prompts import PromptFormat
+from pipeline.data.prompt_format import PromptFormat
 from pipeline.registry import Registry
 
 
@@ -196,5 +197,3 @@ class HFGenerateBackend:
     def state_dict(self):
         return self.model.state_dict()
 
-
-from pipeline import vllm_backend as _vllm_backend  # noqa: E402,F401  registers "vllm" (vllm imports on first use)

@@ -30,7 +30,7 @@ def check_prompt_lengths(cfg: RunConfig, train, evaluation, log=print):
     trained range, a learned-position model would crash mid-run. With `data.max_prompt_tokens`, longer
     training prompts are dropped first. -> (train, evaluation) tables, filtered."""
     from pipeline.models import load_model_config, load_tokenizer
-    from pipeline.prompts import PromptError, PromptFormat, max_positions
+    from pipeline.data.prompt_format import PromptError, PromptFormat, max_positions
 
     d, r = cfg.data, cfg.rollout
     prompt_format = PromptFormat(load_tokenizer(cfg.model.path), d.chat_template)
@@ -70,24 +70,26 @@ def preflight(cfg: RunConfig, log=print, *, local_actors: bool = True):
     table or None, composer); the tables are what the run trains and evaluates on (after dropping empty
     prompts and any `data.max_prompt_tokens`). local_actors: the actors run on this machine (a local Ray),
     so what this Python imports is what theirs will (vLLM); on a cluster their nodes' packages may differ."""
-    from pipeline.data import drop_empty_prompts, read_prompt_table
+    from pipeline.data.prompt_table import drop_empty_prompts, read_prompt_table
     from pipeline.models import load_model_config
-    from pipeline.rewards import RewardComposer
+    from pipeline.rewards.functions import RewardComposer
+    from pipeline.rollout import check_backend
 
+    check_backend(cfg.rollout.backend)
     if cfg.learner.parallel == "shard" and cfg.resources.learners == 1:
         # Not refused: a sharded run's checkpoint legitimately resumes on one learner.
         log("warning: learner.parallel=shard with resources.learners=1 does not shard: sharding starts at 2 "
             "learners, and one learner holds the whole model (set resources.learners=2 or more to shard)")
     model_config = load_model_config(cfg.model.path, "model.path")
     if cfg.lora.rank:
-        from pipeline.lora import check_target_modules
+        from pipeline.trainers.lora import check_target_modules
 
         check_target_modules(model_config, cfg.lora.target_modules, f"model.path {cfg.model.path}")
     if cfg.model.critic_path:
         load_model_config(cfg.model.critic_path, "model.critic_path")
     composer = RewardComposer(cfg.reward.functions, cfg.reward.weights, cfg.reward.failed_reward)
     if cfg.reward.models:
-        from pipeline.reward_models import check_reward_model
+        from pipeline.rewards.models import check_reward_model
 
         for i, m in enumerate(cfg.reward.models):      # the scorers load them; here only their configs
             check_reward_model(m["path"], f"reward.models[{i}].path")
@@ -102,7 +104,7 @@ def preflight(cfg: RunConfig, log=print, *, local_actors: bool = True):
         evaluation = evaluation.slice(0, d.eval_size)
     train, evaluation = check_prompt_lengths(cfg, train, evaluation, log)
     if cfg.rollout.backend == "vllm" and local_actors:
-        from pipeline.vllm_backend import import_vllm
+        from pipeline.rollout.vllm_backend import import_vllm
 
         import_vllm()       # last: importing vLLM takes seconds; VLLMMissing names the extra to install
     return train, evaluation, composer

@@ -23,7 +23,7 @@ import torch
 
 from pipeline.models import (DTYPES, ModelLoadError, _load_error, _no_dropout_modules, check_model_path,
                              load_model_config, load_report_silenced, zero_dropout)
-from pipeline.prompts import PromptFormat, is_conversation
+from pipeline.data.prompt_format import PromptFormat, is_conversation
 
 INPUT_FIELD = "rlpipe_reward_input"
 LOADS = {"count": 0}          # reward models loaded by this process (a scorer loads each once)
@@ -175,7 +175,7 @@ class RewardModelFunction:
 
     def __init__(self, path: str, batch_size: int = 64, device: str = "cpu", dtype: str = "float32",
                  max_length: Optional[int] = None):
-        from pipeline.prompts import max_positions
+        from pipeline.data.prompt_format import max_positions
 
         self.model, self.tokenizer = load_reward_model(path, dtype)
         self.model.to(device)

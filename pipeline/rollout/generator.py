@@ -8,9 +8,9 @@ import torch
 from pipeline.batch import Rollout
 from pipeline.collective import GroupMember, receive_weights
 from pipeline.config import ModelConfig, RolloutConfig, VLLMConfig
-from pipeline.generation import GENERATION_BACKENDS
-from pipeline.prompts import PromptFormat
-from pipeline.rewards import exact_match
+from pipeline.rollout.generation import GENERATION_BACKENDS
+from pipeline.data.prompt_format import PromptFormat
+from pipeline.rewards.functions import exact_match
 from pipeline.torch_env import derive_seed, resolve_device, setup_torch
 from pipeline.weights import WeightsPacket, state_checksum, unpack_weights
 
@@ -29,7 +29,8 @@ class RolloutGenerator(GroupMember):
         self.device = resolve_device(model_cfg.device)
         prompt_format = PromptFormat(load_tokenizer(model_cfg.path), chat_template)
         self.backend = GENERATION_BACKENDS.get(rollout_cfg.backend).load(
-            model_cfg, prompt_format, self.device, seed=derive_seed(seed, worker_index), engine_cfg=engine_cfg,
+            model_cfg, prompt_format, self.device, seed=derive_seed(seed, worker_index),
+            engine_cfg=engine_cfg or VLLMConfig(),
             sampling=rollout_cfg)
         self.version = 0
 

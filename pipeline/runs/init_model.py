@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Optional
 
-from pipeline.data import DataError, read_prompt_table
+from pipeline.data.prompt_table import DataError, read_prompt_table
 
 # Named sizes. head_dim = 32 in each (vLLM's CPU attention needs >= 32); "tiny" is the demo's model.
 MODEL_SIZES = {

@@ -8,6 +8,8 @@ What it owns, so that no trainer has to get it right again:
   weights loses most updates at the learning rates RL uses: a bf16 weight of ~0.02 moves in steps of
   ~1.2e-4, so an update of 1e-6..1e-5 rounds back to the old value. float16 adds a dynamic loss scaler.
   Generators and the reference hold their own copy in the compute dtype: `export_state` casts for them.
+- **One step for every trainer** (`train_step`): set the lr, micro-batches, autocast, backward, step; the
+  trainer passes its loss and each micro-batch's weight.
 - **Micro-batches.** `micro_batches` splits rows so that rows x padded length stays within a token
   budget; the trainer weighs each micro-batch's loss by its share of the whole minibatch (`shard_weight`),
   so accumulated gradients equal one pass over the minibatch.
@@ -18,7 +20,7 @@ What it owns, so that no trainer has to get it right again:
   is counted; the weights never take a NaN. Every rank sees the same reduced norm, so all skip together.
 - **State and export**: optimizer and weights for checkpoints, the weights cast for the generators, a
   Hugging Face folder.
-- **LoRA** (`lora`, through peft, `pipeline.lora`): only the adapters train, sit in the optimizer and in
+- **LoRA** (`lora`, through peft, `pipeline.trainers.lora`): only the adapters train, sit in the optimizer and in
   `state`; `export_state` and `save_hf` give the merged weights under the base model's names, so a
   generator or `from_pretrained` never sees an adapter; `reference()` computes the base without adapters.
 - **Sharding** (`shard`, FSDP2's `fully_shard` over the learners' process group): each of K learners holds
@@ -41,7 +43,7 @@ import torch
 from torch import nn
 
 from pipeline.collective import Group, all_reduce_grads
-from pipeline.lora import adapter_state, apply_lora, load_adapter_state, merged_copy, merged_state
+from pipeline.trainers.lora import adapter_state, apply_lora, load_adapter_state, merged_copy, merged_state
 from pipeline.models import DTYPES, enable_activation_checkpointing, transformer_blocks
 
 
@@ -196,6 +198,28 @@ class TrainEngine:
             needed = max(1, -(-most // per_chunk)) if per_chunk else 1
             chunks += [rows[:0]] * (needed - len(chunks))
         return chunks
+
+    def train_step(self, rows: torch.Tensor, length: int, loss_fn: Callable[[torch.Tensor], tuple],
+                   weight_fn: Callable[[torch.Tensor], float], *, lr: Optional[float] = None,
+                   most: Optional[int] = None, stand_in: Optional[torch.Tensor] = None) -> tuple[dict, dict]:
+        """One optimizer step on `rows` (1-D indices of sequences padded to `length` tokens), the sequence every
+        trainer takes: set the lr (if given), split into micro-batches, and for each run
+        `loss_fn(chunk) -> (loss, figures)` under autocast and accumulate the gradient of
+        `weight_fn(chunk) * loss` (the chunk's share of the whole minibatch, so the accumulated gradient is one
+        pass over it); then reduce, clip and step (`step`). A sharded engine's padding chunks (see
+        `micro_batches`, `most`) run `loss_fn(stand_in)` with weight 0. A rank with no rows still steps: it
+        takes part in the gradient reduction. -> (figures summed with their chunk's weight, `step`'s result)."""
+        if lr is not None:
+            self.set_lr(lr)
+        figures: dict[str, float] = {}
+        for chunk in self.micro_batches(rows, length, most):
+            weight = weight_fn(chunk) if len(chunk) else 0.0
+            with self.autocast():
+                loss, chunk_figures = loss_fn(chunk if len(chunk) else stand_in)
+            self.backward(loss, weight)
+            for k, v in chunk_figures.items():
+                figures[k] = figures.get(k, 0.0) + weight * v
+        return figures, self.step()
 
     def backward(self, loss: torch.Tensor, weight: float = 1.0) -> None:
         """Accumulate the gradient of weight * loss (weight: this micro-batch's share of the minibatch)."""

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from pipeline.data import DataError, hold_out, read_prompt_table
+from pipeline.data.prompt_table import DataError, hold_out, read_prompt_table
 
 
 @dataclass

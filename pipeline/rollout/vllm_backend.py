@@ -33,8 +33,8 @@ from typing import Optional
 import torch
 
 from pipeline.errors import UserInputError
-from pipeline.generation import GENERATION_BACKENDS, decode_completions, eos_token_ids
-from pipeline.prompts import PromptFormat, max_positions, pad_left
+from pipeline.rollout.generation import GENERATION_BACKENDS, decode_completions, eos_token_ids
+from pipeline.data.prompt_format import PromptFormat, max_positions, pad_left
 
 ENGINE_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",   # the engine in this process, not a child per generator
@@ -117,12 +117,14 @@ class VLLMBackend:
     @classmethod
     def load(cls, model_cfg, prompt_format: PromptFormat, device: str, seed: int = 0, engine_cfg=None,
              sampling=None) -> "VLLMBackend":
-        """sampling: the run's RolloutConfig (temperature, top_p, top_k choose the engine's log-prob mode,
-        fixed when the engine starts); None: untruncated sampling."""
-        from pipeline.config import VLLMConfig
+        """engine_cfg: the run's `vllm` section (VLLMConfig, the generator passes it); sampling: the run's
+        RolloutConfig (temperature, top_p, top_k choose the engine's log-prob mode, fixed when the engine
+        starts); None: untruncated sampling."""
         from pipeline.models import load_model_config
 
-        e = engine_cfg or VLLMConfig()
+        if engine_cfg is None:
+            raise ValueError("VLLMBackend.load needs engine_cfg, the run's `vllm` config section")
+        e = engine_cfg
         mode = logprobs_mode_for(sampling.temperature, sampling.top_p, sampling.top_k) if sampling else \
             "processed_logprobs"
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(e.kv_cache_gib))

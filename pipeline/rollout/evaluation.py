@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.generation import neutral_generation_config, sample_completions
-from pipeline.prompts import PromptFormat
-from pipeline.rewards import exact_match
+from pipeline.rollout.generation import neutral_generation_config, sample_completions
+from pipeline.data.prompt_format import PromptFormat
+from pipeline.rewards.functions import exact_match
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import yaml
 
 from pipeline.config import ConfigError, F, _coerce
-from pipeline.data import DataError
+from pipeline.data.prompt_table import DataError
 
 
 @dataclass
@@ -64,7 +64,7 @@ class SupervisedRunConfig:
 
 @dataclass
 class SFTConfig(SupervisedRunConfig):
-    """`rlpipe sft`: demonstrations as prompt/response columns or a messages column (`pipeline.sft_data`)."""
+    """`rlpipe sft`: demonstrations as prompt/response columns or a messages column (`pipeline.data.demonstrations`)."""
     prompt_column: str = F("prompt", "Prompt column: text, or a list of {role, content} messages.")
     response_column: Optional[str] = F(None, "Response column (loss is on its tokens + EOS); default: `response` "
                                        "if present, else the answer column.")
@@ -79,7 +79,7 @@ class SFTConfig(SupervisedRunConfig):
 
 @dataclass
 class RewardModelConfig(SupervisedRunConfig):
-    """`rlpipe reward-model`: Bradley-Terry on preference pairs (`pipeline.preference_data`)."""
+    """`rlpipe reward-model`: Bradley-Terry on preference pairs (`pipeline.data.preference_pairs`)."""
     out: str = F("runs/reward_model", "Run folder (settings, checkpoints, MLflow, the reward model in <out>/model).")
     model: str = F("", "Backbone: a causal LM folder (e.g. the SFT model, as DeepSpeed-Chat does) or an encoder "
                    "(BERT, MiniLM, ...); a new one-label score head goes on top.")
@@ -111,67 +111,37 @@ def build_run_config(cls, values: dict):
 # ----------------------------------------------------------------------------- the run folder
 
 def open_run_folder(cfg, settings_name: str, *, resume: bool, overwrite: bool):
-    """Create (or, resuming, reopen) cfg.out with its settings file and MLflow run. -> (folder, tracker)."""
-    import shutil
-
+    """Claim (or, resuming, reopen) cfg.out (`pipeline.runs.folder`), then write its settings file and open its
+    MLflow run. -> (folder, tracker)."""
+    from pipeline.runs.folder import claim_run_folder
     from pipeline.tracking import Tracker, flatten_config
 
-    out = Path(cfg.out)
-    settings = out / settings_name
+    out = claim_run_folder(cfg.out, settings_name, resume=resume, overwrite=overwrite, where="--out")
     state = out / "run.json"
-    if out.exists() and any(out.iterdir()) and not resume:
-        if not overwrite:
-            raise ConfigError(f"{out} already holds a run; pass --resume {out} to continue it, --overwrite to "
-                              "replace it, or another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
     if resume:
         run_id = json.loads(state.read_text())["mlflow_run_id"]
         tracker = Tracker(out, resume_run_id=run_id)
     else:
-        settings.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        (out / settings_name).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
         tracker = Tracker(out, run_name=out.name, tags={"rlpipe.kind": settings_name.split(".")[0]})
         tracker.log_params(flatten_config(dataclasses.asdict(cfg)))
         state.write_text(json.dumps({"mlflow_run_id": tracker.run_id}))
     return out, tracker
 
 
-# The file each command's run folder holds its settings in, so a folder tells which command made it.
-RUN_FOLDER_SETTINGS = {"sft.yaml": "rlpipe sft", "reward_model.yaml": "rlpipe reward-model",
-                       "config.yaml": "rlpipe train"}
-
-
-def run_folder_command(run_dir) -> Optional[str]:
-    """The command whose run folder `run_dir` is ("rlpipe sft", ...), from its settings file; None if none."""
-    return next((command for name, command in RUN_FOLDER_SETTINGS.items() if (Path(run_dir) / name).is_file()),
-                None)
-
-
-def wrong_run_folder(run_dir, command: str) -> Optional[ConfigError]:
-    """The error for `command --resume run_dir` when another command made the folder (None when it did not)."""
-    made_by = run_folder_command(run_dir)
-    if made_by is None or made_by == command:
-        return None
-    return ConfigError(f"{run_dir} is a run folder of `{made_by}`, not of `{command}`; resume it with "
-                       f"`{made_by} --resume {run_dir}`")
-
-
 def read_run_settings(cls, run_dir, settings_name: str):
-    """The config a run folder was started with (for `--resume`)."""
-    path = Path(run_dir) / settings_name
-    if not path.is_file():
-        wrong = wrong_run_folder(run_dir, RUN_FOLDER_SETTINGS[settings_name])
-        if wrong is not None:
-            raise wrong
-        raise ConfigError(f"{run_dir} is not a run folder of this command (no {settings_name}); give the --out "
-                          "folder of an earlier run")
-    return build_run_config(cls, yaml.safe_load(path.read_text()))
+    """The config a run folder was started with (for `--resume`); a folder of another command, or of none, is
+    refused by `claim_run_folder`'s rules."""
+    from pipeline.runs.folder import claim_run_folder
+
+    claim_run_folder(run_dir, settings_name, resume=True, overwrite=False, where="--out folder")
+    return build_run_config(cls, yaml.safe_load((Path(run_dir) / settings_name).read_text()))
 
 
 # ----------------------------------------------------------------------------- sft
 
 def _demonstrations(cfg: SFTConfig):
-    from pipeline.sft_data import read_demonstrations
+    from pipeline.data.demonstrations import read_demonstrations
 
     columns = dict(prompt_column=cfg.prompt_column, response_column=cfg.response_column,
                    messages_column=cfg.messages_column, answer_column=cfg.answer_column)
@@ -183,7 +153,7 @@ def _demonstrations(cfg: SFTConfig):
 
 def check_lengths(tokenizer, prompt_format, demos, model_config, what: str) -> None:
     """Every prompt + response + EOS must fit the model's positions: else one error naming the row."""
-    from pipeline.prompts import max_positions
+    from pipeline.data.prompt_format import max_positions
 
     limit = max_positions(model_config)
     if limit is None:
@@ -203,7 +173,7 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False,
     import functools
 
     from pipeline.models import load_model_config, load_tokenizer
-    from pipeline.prompts import PromptFormat
+    from pipeline.data.prompt_format import PromptFormat
 
     train, held_out = _demonstrations(cfg)
     tokenizer = load_tokenizer(cfg.model)
@@ -221,7 +191,7 @@ def build_sft_trainer(cfg: SFTConfig, train, held_out, rank: int = 0, world_size
     import torch
 
     from pipeline.models import load_causal_lm, load_tokenizer
-    from pipeline.prompts import PromptFormat
+    from pipeline.data.prompt_format import PromptFormat
     from pipeline.trainers.sft import SupervisedTrainer
 
     torch.manual_seed(cfg.seed)
@@ -244,8 +214,8 @@ def run_reward_model(cfg: RewardModelConfig, *, resume: bool = False, overwrite:
     import functools
 
     from pipeline.models import load_model_config, load_tokenizer
-    from pipeline.preference_data import read_preference_pairs
-    from pipeline.reward_models import backbone_layout
+    from pipeline.data.preference_pairs import read_preference_pairs
+    from pipeline.rewards.models import backbone_layout
 
     columns = dict(prompt_column=cfg.prompt_column, chosen_column=cfg.chosen_column,
                    rejected_column=cfg.rejected_column, margin_column=cfg.margin_column)
@@ -266,8 +236,8 @@ def build_reward_model_trainer(cfg: RewardModelConfig, train, held_out, rank: in
     import torch
 
     from pipeline.models import load_tokenizer
-    from pipeline.prompts import max_positions
-    from pipeline.reward_models import build_reward_model
+    from pipeline.data.prompt_format import max_positions
+    from pipeline.rewards.models import build_reward_model
     from pipeline.trainers.reward_model import RewardModelTrainer
 
     torch.manual_seed(cfg.seed)
@@ -323,6 +293,5 @@ def finish_run(trainer, result: dict, out: Path, tracker, log) -> dict:
 
 
 __all__ = ["SupervisedRunConfig", "SFTConfig", "RewardModelConfig", "build_run_config", "read_run_settings",
-           "RUN_FOLDER_SETTINGS", "run_folder_command", "wrong_run_folder",
            "open_run_folder", "run_sft", "build_sft_trainer", "run_reward_model", "build_reward_model_trainer",
            "train_in_run_folder", "finish_run"]
