@@ -166,6 +166,7 @@ def _wait_for_new_pid(actor, old_pid: int, timeout_s: float = 60.0) -> None:
     raise AssertionError(f"actor not restarted within {timeout_s} s")
 
 
+@pytest.mark.unit
 def test_async_needs_learner_old_logprobs_and_a_truncation(tiny_task, tmp_path):
     with pytest.raises(ConfigError, match="tis_cap"):
         load_config("grpo", run_args(tiny_task, tmp_path, "rollout.max_staleness=1"))

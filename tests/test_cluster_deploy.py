@@ -233,7 +233,6 @@ def job_status(head: Head, submission_id: str) -> str:
     return match.group(1).upper() if match else f"UNKNOWN ({text.strip()[-300:]})"
 
 
-@pytest.mark.ray
 @pytest.mark.slow
 def test_ray_job_submit_trains_on_a_token_auth_head_and_logs_to_mlflow(ray_head, tiny_task, tmp_path):
     import mlflow

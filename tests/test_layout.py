@@ -136,6 +136,37 @@ def test_the_top_of_the_library_keeps_only_what_rooms_share():
     assert len(top) <= 16, top
 
 
+TIERS = {"unit", "ray", "slow", "gpu"}
+
+
+def _marks(decorators) -> set[str]:
+    """Tier names among `@pytest.mark.X` / `pytest.mark.X` expressions (a list of them, as pytestmark allows)."""
+    found = set()
+    for node in decorators:
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Attribute) and sub.value.attr == "mark":
+                found.add(sub.attr)
+    return found & TIERS
+
+
+def test_every_test_carries_exactly_one_tier():
+    """unit (pure, no Ray), ray (a local cluster), slow (end-to-end learning), gpu (CUDA): `-m unit` etc. must
+    select every test of its tier and none of another (pyproject's --strict-markers refuses a misspelt one)."""
+    wrong = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        module = set()
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "pytestmark" for t in node.targets):
+                module = _marks([node.value])
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test_"):
+                tiers = module | _marks(node.decorator_list)
+                if len(tiers) != 1:
+                    wrong.append(f"{path.name}:{node.lineno} {node.name}: {sorted(tiers) or 'no tier'}")
+    assert not wrong, wrong
+
+
 def test_the_check_sees_a_violation(tmp_path):
     """The walk finds a function-local `import ray` (what the layers test relies on)."""
     bad = tmp_path / "bad.py"

@@ -17,6 +17,7 @@ def test_the_hidden_judge_by_hand():
     assert MAX_LEN == 6
 
 
+@pytest.mark.unit
 def test_pairs_carry_the_configured_label_noise(tmp_path):
     paths = make_preference_task(tmp_path, n_demos=10, n_pairs=4000, n_eval_pairs=10, n_prompts=10, n_eval=10,
                                  flip=0.15, seed=3)
@@ -28,6 +29,7 @@ def test_pairs_carry_the_configured_label_noise(tmp_path):
     assert set(pq.read_table(paths["demos"]).column_names) == {"prompt", "response"}
 
 
+@pytest.mark.unit
 def test_init_model_without_template_has_only_the_data_characters(tmp_path):
     from pipeline.runs.init_model import init_model
 
@@ -36,6 +38,7 @@ def test_init_model_without_template_has_only_the_data_characters(tmp_path):
     assert info["chars"] == ">abcdefgh" and info["vocab_size"] == 4 + 9
 
 
+@pytest.mark.unit
 def test_demonstrations_are_better_than_chance_so_sft_can_learn_to_look_at_the_prompt(tmp_path):
     """Each demonstration letter is one of the prompt's with a probability uniform in [0.4, 1] per response:
     0.7 on average, where chance (4 of 8 letters) is 0.5 and an SFT policy learns nothing from the prompt."""
@@ -69,6 +72,7 @@ def test_preference_demo_end_to_end_on_a_small_budget(tmp_path, capsys):
     assert "minutes: SFT" in printed
 
 
+@pytest.mark.unit
 def test_a_demo_budget_in_steps_has_no_time_limit_and_minutes_cap_either_way():
     from actors.demo import rl_budget
 
@@ -81,6 +85,7 @@ def test_a_demo_budget_in_steps_has_no_time_limit_and_minutes_cap_either_way():
         rl_budget(None, None)
 
 
+@pytest.mark.unit
 def test_the_arithmetic_demo_defaults_to_steps_and_a_given_budget_replaces_the_default_whole():
     from actors.demo import RL_STEPS, given_or_default
 
@@ -90,6 +95,7 @@ def test_the_arithmetic_demo_defaults_to_steps_and_a_given_budget_replaces_the_d
     assert given_or_default(0, None, 2000) == (0, None)                # --sft-minutes 0 skips the baseline
 
 
+@pytest.mark.unit
 def test_the_demo_claim_rl_above_supervised_with_the_eval_noise_by_hand():
     from actors.demo import above_supervised
 

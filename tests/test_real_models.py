@@ -41,6 +41,7 @@ def scored_batch(cfg, path=None, seed=1) -> TrainBatch:
                                  list(range(len(prompts) * G)), step=seed)
     scores = torch.rand(len(rollout.prompts), generator=torch.Generator().manual_seed(seed)).round()
     batch = TrainBatch(rollout=rollout, scores=scores, score_failed=torch.zeros(len(scores), dtype=torch.bool))
+    batch.pi_old, batch.old_logprobs = "learner", rollout.logprobs      # as a float32 learner pass would give
     a = cfg.algorithm
     if a.name == "gae":
         batch.values = PolicyLearner(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="float32"))

@@ -98,6 +98,7 @@ def test_a_score_alone_equals_its_score_in_any_padded_batch(tmp_path, backbone):
             assert alone[0].item() == pytest.approx(per_position[-1].item(), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_reward_model_on_pretrained_minilm_ranks_unseen_words(tmp_path):
     """A real pretrained encoder as the backbone: pairs over 8 words per category train it; held-out pairs use
     the 4 words it never saw, which only a backbone that knows the words can rank."""
@@ -123,6 +124,7 @@ def test_reward_model_on_pretrained_minilm_ranks_unseen_words(tmp_path):
     assert sum(c > r for c, r in zip(chosen, rejected)) / len(chosen) == pytest.approx(kept)
 
 
+@pytest.mark.slow
 def test_reward_model_on_a_decoder_resumes_exactly(tmp_path, monkeypatch):
     """A decoder backbone (a char Llama from init-model): a preference that needs the prompt to judge
     (the response that reuses more of the prompt's letters wins); killed after a checkpoint, resumed."""
@@ -168,6 +170,7 @@ def test_reward_model_on_a_decoder_resumes_exactly(tmp_path, monkeypatch):
     assert resumed["final_metrics"] == straight["final_metrics"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("case, fragment", [
     ("missing_column", "lacks column(s) rejected"),
     ("same", "rows 0, 2 (2 in all) have chosen == rejected"),

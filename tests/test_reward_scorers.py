@@ -52,6 +52,7 @@ def test_reward_model_names_are_the_run_folders_and_unique():
         ["rm/helpful", "rm/harmless", "rm/helpful_2", "rm/mine"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("entry, fragment", [
     ("[runs/rm]", "reward.models[0]: 'runs/rm' is not a mapping with a path"),
     ("[{path: a, weigth: 1}]", "reward.models[0].weigth: unknown key; valid: path, weight, batch_size, dtype, name"),
@@ -63,6 +64,7 @@ def test_bad_reward_model_entries_are_config_errors(entry, fragment):
     assert fragment in str(err.value)
 
 
+@pytest.mark.unit
 def test_a_path_that_is_not_a_reward_model_is_one_error_before_anything_is_written(tiny_task, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["train", f"model.path={tiny_task['model']}", f"data.train_path={tiny_task['data']['train']}",
@@ -74,6 +76,7 @@ def test_a_path_that_is_not_a_reward_model_is_one_error_before_anything_is_writt
     assert not out.exists()
 
 
+@pytest.mark.unit
 def test_composer_mixes_a_reward_model_with_rule_functions(tiny_task, tiny_reward_model):
     from pipeline.rewards.models import RewardModelFunction
 
@@ -86,6 +89,7 @@ def test_composer_mixes_a_reward_model_with_rule_functions(tiny_task, tiny_rewar
     assert shard.per_function["rm/sevens_rm"] == pytest.approx(rm) and len(set(rm)) == 4
 
 
+@pytest.mark.unit
 def test_critic_starts_as_the_reward_model(tiny_reward_model):
     from transformers import AutoModelForSequenceClassification
 
@@ -133,6 +137,7 @@ def test_two_reward_model_scorers_load_once_score_each_sample_once_and_survive_a
         pools.shutdown()
 
 
+@pytest.mark.unit
 def test_critic_from_a_causal_lm_prints_no_load_report(tiny_task, capfd):
     """The critic's trunk comes from a causal-LM folder whose lm_head it does not use: that is intended, and
     transformers' "lm_head.weight UNEXPECTED" table is not printed."""

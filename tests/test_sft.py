@@ -50,6 +50,7 @@ def test_answer_column_is_the_response_when_there_is_no_response_column(tmp_path
     assert sorted(train.prompts + held_out.prompts) == ["1+2=", "3+4="]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("case, fragment", [
     ("messages_not_dicts", "row 0 of column 'messages' holds 'hi', not a role/content dict"),
     ("messages_no_reply", "row 0 of column 'messages' does not end with an assistant message"),
@@ -84,6 +85,7 @@ def test_bad_demonstrations_one_clear_error_and_nothing_written(tiny_task, tmp_p
     assert not out.exists()
 
 
+@pytest.mark.unit
 def test_init_model_tokenizer_covers_the_data(tmp_path):
     from pipeline.models import load_causal_lm, load_tokenizer
 
@@ -125,6 +127,7 @@ def test_a_reply_to_a_conversation_ends_with_the_templates_end_of_turn(bpe_task)
     assert reply in turn                                               # the reply as the template writes it
 
 
+@pytest.mark.slow
 def test_sft_on_conversations_learns_and_writes_a_model_rl_loads(bpe_task, tmp_path):
     from pipeline.models import load_causal_lm
 
@@ -149,6 +152,7 @@ def test_sft_on_conversations_learns_and_writes_a_model_rl_loads(bpe_task, tmp_p
     assert any("eval/loss" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_sft_resumes_exactly_where_it_stopped(tiny_task, tmp_path):
     labelled = tiny_task["data"]["labelled"]
     common = dict(model=tiny_task["model"], data=labelled, eval_size=20, lr=3e-3, batch_size=16, max_steps=40,

@@ -162,6 +162,7 @@ def test_sharded_checkpoint_resumes_on_another_number_of_learners(tiny_task, ray
             torch.testing.assert_close(after[section][name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.unit
 def test_sharding_refuses_what_it_cannot_do(tiny_task, tmp_path):
     from pipeline.config import ConfigError
 

@@ -40,6 +40,7 @@ def ray_two_cpus():
     ray.shutdown()
 
 
+@pytest.mark.ray
 def test_two_sft_learners_take_one_learners_steps_and_stop_alike(tiny_task, tmp_path, ray_two_cpus):
     # batch 15 over 2 ranks: shares of 8 and 7 rows, so a wrong weighting of the shares shows.
     common = dict(model=tiny_task["model"], data=tiny_task["data"]["labelled"], eval_size=20, lr=3e-3,
@@ -55,6 +56,7 @@ def test_two_sft_learners_take_one_learners_steps_and_stop_alike(tiny_task, tmp_
             assert m1["train/loss"] == pytest.approx(m2["train/loss"], rel=1e-4)
 
 
+@pytest.mark.ray
 def test_two_reward_model_learners_take_one_learners_steps(tiny_task, tmp_path, ray_two_cpus):
     rows = [(f"{a}+{b}=", str(a + b), str(a + b + 1 + (a % 3))) for a in range(10, 40) for b in range(10, 14)]
     prompts, chosen, rejected = zip(*rows)
@@ -68,6 +70,7 @@ def test_two_reward_model_learners_take_one_learners_steps(tiny_task, tmp_path, 
     assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"))
 
 
+@pytest.mark.unit
 def test_learners_above_one_need_a_launcher(tiny_task, tmp_path):
     from pipeline.config import ConfigError
 
@@ -77,6 +80,7 @@ def test_learners_above_one_need_a_launcher(tiny_task, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.ray
 def test_sft_cli_with_two_learners_and_resume(tiny_task, tmp_path, capsys):
     """`rlpipe sft --learners 2` starts (and ends) its own local Ray; a resumed run continues the curve."""
     import ray

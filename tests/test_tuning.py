@@ -219,7 +219,6 @@ def _mlflow_runs(out):
     return client, runs
 
 
-@pytest.mark.ray
 @pytest.mark.slow
 def test_asha_sweep_interrupted_and_resumed_is_complete_in_mlflow(tiny_task, tmp_path):
     """4 trials (2 at a time on a 2-CPU Ray) through the CLI; interrupted (SIGINT) once two trials have
@@ -316,7 +315,6 @@ def test_a_cloned_checkpoint_becomes_the_runs_only_one_and_keeps_the_trials_own_
     assert load_checkpoint(tmp_path / "fresh" / "run" / "checkpoints" / "step_000004").extra["mlflow_run_id"] is None
 
 
-@pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["rollout.max_staleness=1", "algorithm.tis_cap=2.0"]], ids=["sync", "async"])
 def test_pbt_sweep_runs_and_each_trial_logs_to_its_own_run(tiny_task, tmp_path, extra):

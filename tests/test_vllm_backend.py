@@ -47,6 +47,7 @@ def engine(llama):
     return make_generator(llama)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_engine_logprobs_equal_the_learners_recompute(llama, engine, temperature):
     engine.cfg = dataclasses.replace(engine.cfg, temperature=temperature)
@@ -59,6 +60,7 @@ def test_engine_logprobs_equal_the_learners_recompute(llama, engine, temperature
     assert r.completion_mask.sum() > 100 and gap.max().item() < 1e-4
 
 
+@pytest.mark.slow
 def test_truncated_sampling_records_the_untruncated_policys_logprobs_as_hf_does(llama):
     """top_k=5 at T=1: vLLM samples from the truncated distribution but records log softmax(logits) of the
     sampled token (its raw mode), what the learner and the hf backend compute; the ratio pi/pi_old then
@@ -78,6 +80,7 @@ def test_truncated_sampling_records_the_untruncated_policys_logprobs_as_hf_does(
         engine.backend.sample(PROMPTS, max_new_tokens=4, temperature=0.7, top_p=1.0, top_k=5, seed=0)
 
 
+@pytest.mark.slow
 def test_the_read_back_is_the_folders_weights_and_an_eos_ends_the_completion_inside_its_mask(llama, engine):
     model = load_causal_lm(llama)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -98,6 +101,7 @@ def test_the_read_back_is_the_folders_weights_and_an_eos_ends_the_completion_ins
     assert (learner - r.logprobs).abs()[r.completion_mask].max().item() < 1e-4  # the EOS token's log-prob too
 
 
+@pytest.mark.slow
 def test_new_weights_reach_the_engine_and_the_old_ones_come_back_exactly(llama):
     gen = make_generator(llama)
     original = {k: v.detach().clone() for k, v in load_causal_lm(llama).state_dict().items()}
@@ -122,6 +126,7 @@ def test_new_weights_reach_the_engine_and_the_old_ones_come_back_exactly(llama):
         assert torch.equal(got.logprobs, before.logprobs)
 
 
+@pytest.mark.slow
 def test_weights_that_never_reach_the_engine_are_refused(llama, engine):
     original = {k: v.detach().clone() for k, v in load_causal_lm(llama).state_dict().items()}
     engine.set_weights(pack_weights(original, version=1))
