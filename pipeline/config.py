@@ -171,14 +171,11 @@ class AlgorithmConfig:
 
 
 @dataclass
-class LearnerConfig:
-    lr: float = F(2e-4, "Policy AdamW learning rate.", lo=0.0, hi=1.0)
-    critic_lr: float = F(1e-3, "Separate critic learning rate.", lo=0.0, hi=1.0)
+class EngineSettings:
+    """How a `TrainEngine` trains, the same for every trainer: RL's learners (`learner.*`) and the supervised
+    commands (`rlpipe sft`, `rlpipe reward-model`: the same names as flags). Documented once, here."""
     weight_decay: float = F(0.0, "AdamW weight decay.", lo=0.0)
-    warmup_steps: int = F(0, "Linear lr warm-up in training steps.", lo=0)
-    epochs: int = F(1, "Passes over each rollout batch (PPO epochs).", lo=1)
-    minibatch_size: int = F(512, "Sequences per optimizer step; the step's N sequences are split into "
-                            "ceil(N / minibatch_size) minibatches per epoch.", lo=1)
+    warmup_steps: int = F(0, "Linear lr warm-up over this many optimizer updates (RL: training steps).", lo=0)
     max_grad_norm: float = F(1.0, "Gradient clipping by global norm; 0 = off. A non-finite norm skips that "
                              "optimizer step (counted in optim/skipped_steps).", lo=0.0)
     micro_batch_tokens: int = F(0, "Token budget of one forward/backward pass: a learner's share of a minibatch "
@@ -186,6 +183,20 @@ class LearnerConfig:
                                 "and their gradients accumulated, exactly; 0 = one pass.", lo=0)
     gradient_checkpointing: bool = F(False, "Recompute activations in the backward pass (less memory, ~30% more "
                                      "compute).")
+
+    def engine_options(self, compute_dtype: str) -> dict:
+        """These settings as `TrainEngine` takes them (warm-up is the trainer's schedule, not the engine's)."""
+        return dict(weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm, compute_dtype=compute_dtype,
+                    micro_batch_tokens=self.micro_batch_tokens, gradient_checkpointing=self.gradient_checkpointing)
+
+
+@dataclass
+class LearnerConfig(EngineSettings):
+    lr: float = F(2e-4, "Policy AdamW learning rate.", lo=0.0, hi=1.0)
+    critic_lr: float = F(1e-3, "Separate critic learning rate.", lo=0.0, hi=1.0)
+    epochs: int = F(1, "Passes over each rollout batch (PPO epochs).", lo=1)
+    minibatch_size: int = F(512, "Sequences per optimizer step; the step's N sequences are split into "
+                            "ceil(N / minibatch_size) minibatches per epoch.", lo=1)
     parallel: str = F("replicate", "How resources.learners > 1 learners hold the model (policy and separate "
                       "critic): replicate = each holds all of it and gradients are all-reduced; shard = FSDP2 "
                       "splits weights, gradients and AdamW state K ways (about 1/K each per learner), gathering "

@@ -79,7 +79,7 @@ def test_pbt_perturbations_are_clipped_into_the_bounds():
 
 @pytest.mark.unit
 @pytest.mark.parametrize("spec, fragment", [
-    ({"learner.lrr": {"loguniform": [1e-5, 1e-3]}}, "unknown config field 'learner.lrr'; valid fields in learner: lr,"),
+    ({"learner.lrr": {"loguniform": [1e-5, 1e-3]}}, "unknown config field 'learner.lrr'; valid fields in learner: weight_decay,"),
     ({"optimizer.lr": {"uniform": [0.1, 0.2]}}, "unknown config field 'optimizer.lr'; fields are section.name"),
     ({"learner.lr": {"normal": [1e-4, 1e-5]}},
      "unknown distribution 'normal'; valid: choice, grid, loguniform, uniform"),

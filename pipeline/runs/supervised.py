@@ -22,13 +22,15 @@ from typing import Callable, Optional
 
 import yaml
 
-from pipeline.config import ConfigError, F, _coerce
+from pipeline.config import ConfigError, EngineSettings, F, _build
 from pipeline.data.prompt_table import DataError
 
 
 @dataclass
-class SupervisedRunConfig:
-    """What every supervised run shares: model, data, schedule, stopping, precision, output."""
+class SupervisedRunConfig(EngineSettings):
+    """What every supervised run shares: model, data, schedule, stopping, precision, output; the engine's
+    settings (weight decay, warm-up, clipping, micro-batches, checkpointing) are RL's, documented once in
+    `pipeline.config.EngineSettings`."""
     model: str = F("", "Model to start from: a Hugging Face folder (e.g. made by `rlpipe init-model`) or hub name.")
     data: str = F("", "Training data: Parquet or JSON lines.")
     out: str = F("runs/sft", "Run folder (settings, checkpoints, MLflow, the trained model in <out>/model).")
@@ -44,15 +46,10 @@ class SupervisedRunConfig:
     patience: Optional[int] = F(5, "Early stopping: stop after this many evaluations without a better held-out "
                                 "score and keep the best weights (null: train to the limit, keep the last).", lo=1)
     eval_every: int = F(100, "Steps between held-out evaluations.", lo=1)
-    warmup_steps: int = F(0, "Linear lr warm-up steps.", lo=0)
     cosine: bool = F(True, "Decay the lr (cosine) to 10% of its peak at --max-steps; off: constant after warm-up.")
-    weight_decay: float = F(0.0, "AdamW weight decay.", lo=0.0)
-    max_grad_norm: float = F(1.0, "Gradient-norm clip (0: none).", lo=0.0)
     dtype: str = F("float32", "Compute dtype (float32 master weights, autocast to it).",
                    choices=("float32", "bfloat16", "float16"))
     device: str = F("cpu", "Device of the model.", choices=("cpu", "cuda"))
-    micro_batch_tokens: int = F(0, "Token budget per micro-batch (gradients accumulated exactly); 0: one pass.", lo=0)
-    gradient_checkpointing: bool = F(False, "Recompute activations in backward (less memory, more compute).")
     checkpoint_every: int = F(500, "Steps between checkpoints (a checkpoint is also written at the end).", lo=1)
     seed: int = F(0, "Seed of the held-out split and the data order.")
     learners: int = F(1, "Data-parallel learners: Ray actors that each take a share of every minibatch, with "
@@ -95,13 +92,9 @@ class RewardModelConfig(SupervisedRunConfig):
 
 
 def build_run_config(cls, values: dict):
-    """`cls` from {field: value} (unknown keys refused, each value checked against its field)."""
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ConfigError(f"unknown setting {unknown[0]}; valid: {', '.join(known)}")
-    cfg = cls(**{k: _coerce(k, v, hints[k], dict(known[k].metadata)) for k, v in values.items()})
+    """`cls` from {field: value}: the run config's own builder (unknown keys refused, each value checked
+    against its field), then the settings every supervised run needs."""
+    cfg = _build(cls, values, "")
     for name in ("model", "data"):
         if not getattr(cfg, name):
             raise ConfigError(f"--{name} is required")
@@ -199,10 +192,8 @@ def build_sft_trainer(cfg: SFTConfig, train, held_out, rank: int = 0, world_size
     return SupervisedTrainer(
         load_causal_lm(cfg.model, device=cfg.device), tokenizer, train.prompts, train.responses, held_out.prompts,
         held_out.responses, held_out.answers, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
-        weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
-        decay_steps=cfg.max_steps if cfg.cosine else None, max_new_tokens=cfg.max_new_tokens,
-        max_grad_norm=cfg.max_grad_norm, compute_dtype=cfg.dtype, micro_batch_tokens=cfg.micro_batch_tokens,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        warmup_steps=cfg.warmup_steps, decay_steps=cfg.max_steps if cfg.cosine else None,
+        max_new_tokens=cfg.max_new_tokens, **cfg.engine_options(cfg.dtype),
         prompt_format=PromptFormat(tokenizer, chat_template=cfg.chat_template),
         rank=rank, world_size=world_size, group=group)
 
@@ -245,10 +236,8 @@ def build_reward_model_trainer(cfg: RewardModelConfig, train, held_out, rank: in
     model = build_reward_model(cfg.model, tokenizer).to(cfg.device)
     return RewardModelTrainer(
         model, tokenizer, train, held_out, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
-        weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
-        decay_steps=cfg.max_steps if cfg.cosine else None, max_grad_norm=cfg.max_grad_norm,
-        compute_dtype=cfg.dtype, micro_batch_tokens=cfg.micro_batch_tokens,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        warmup_steps=cfg.warmup_steps, decay_steps=cfg.max_steps if cfg.cosine else None,
+        **cfg.engine_options(cfg.dtype),
         max_length=cfg.max_length or max_positions(model.config), rank=rank, world_size=world_size, group=group)
 
 

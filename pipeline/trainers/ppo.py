@@ -66,12 +66,8 @@ class PolicyLearner(GroupMember):
         self.norm = float(cfg.rollout.max_new_tokens)   # Dr.GRPO's constant: the generation budget
 
     def _engine(self, model, lr: float, extra=None, lora=None) -> TrainEngine:
-        m, lc = self.cfg.model, self.cfg.learner
-        return TrainEngine(model, lr=lr, weight_decay=lc.weight_decay, max_grad_norm=lc.max_grad_norm,
-                           compute_dtype=m.dtype, device=self.device,
-                           gradient_checkpointing=lc.gradient_checkpointing,
-                           micro_batch_tokens=lc.micro_batch_tokens, extra_modules=extra,
-                           group=lambda: self.group(DP_GROUP), lora=lora)
+        return TrainEngine(model, lr=lr, device=self.device, extra_modules=extra, group=lambda: self.group(DP_GROUP),
+                           lora=lora, **self.cfg.learner.engine_options(self.cfg.model.dtype))
 
     def join_group(self, name: str, host: str, port: int, rank: int, size: int, backend: str = "gloo",
                    timeout_s: float = 60.0, world: bool = False) -> None:
