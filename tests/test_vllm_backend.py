@@ -61,26 +61,6 @@ def test_engine_logprobs_equal_the_learners_recompute(llama, engine, temperature
 
 
 @pytest.mark.slow
-def test_truncated_sampling_records_the_untruncated_policys_logprobs_as_hf_does(llama):
-    """top_k=5 at T=1: vLLM samples from the truncated distribution but records log softmax(logits) of the
-    sampled token (its raw mode), what the learner and the hf backend compute; the ratio pi/pi_old then
-    starts at 1, not at the kept mass."""
-    engine = make_generator(llama, top_k=5)
-    hf = make_generator(llama, backend="hf", top_k=5)
-    assert engine.backend.logprobs_mode == "raw_logprobs"
-    model = load_causal_lm(llama)
-    for gen in (engine, hf):
-        r = sample(gen)
-        with torch.no_grad():
-            learner = completion_forward(model, r.prompt_ids, r.prompt_mask, r.completion_ids,
-                                         r.completion_mask)["logprobs"]
-        assert r.completion_mask.sum() > 100
-        assert (learner - r.logprobs).abs()[r.completion_mask].max().item() < 1e-4, gen.cfg.backend
-    with pytest.raises(ValueError, match="cannot report the untruncated"):
-        engine.backend.sample(PROMPTS, max_new_tokens=4, temperature=0.7, top_p=1.0, top_k=5, seed=0)
-
-
-@pytest.mark.slow
 def test_the_read_back_is_the_folders_weights_and_an_eos_ends_the_completion_inside_its_mask(llama, engine):
     model = load_causal_lm(llama)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -153,6 +133,27 @@ def ray_config(task, tmp_path, *extra):
         "resources.rollout_workers=2", "resources.reward_scorers=1", "resources.cpus_per_rollout_worker=0.5",
         "resources.cpus_per_reward_scorer=0.25", "resources.cpus_per_learner=0.5", "resources.torch_threads=1",
         f"train.output_dir={tmp_path}/run", *extra])
+
+
+@pytest.mark.slow
+def test_truncated_sampling_records_the_untruncated_policys_logprobs_as_hf_does(llama):
+    """top_k=5 at T=1: vLLM samples from the truncated distribution but records log softmax(logits) of the
+    sampled token (its raw mode), what the learner and the hf backend compute; the ratio pi/pi_old then
+    starts at 1, not at the kept mass. Last of the in-process engine tests: a second engine in this process
+    tears down vLLM's global parallel state under the module's `engine` when it goes."""
+    engine = make_generator(llama, top_k=5)
+    hf = make_generator(llama, backend="hf", top_k=5)
+    assert engine.backend.logprobs_mode == "raw_logprobs"
+    model = load_causal_lm(llama)
+    for gen in (engine, hf):
+        r = sample(gen)
+        with torch.no_grad():
+            learner = completion_forward(model, r.prompt_ids, r.prompt_mask, r.completion_ids,
+                                         r.completion_mask)["logprobs"]
+        assert r.completion_mask.sum() > 100
+        assert (learner - r.logprobs).abs()[r.completion_mask].max().item() < 1e-4, gen.cfg.backend
+    with pytest.raises(ValueError, match="cannot report the untruncated"):
+        engine.backend.sample(PROMPTS, max_new_tokens=4, temperature=0.7, top_p=1.0, top_k=5, seed=0)
 
 
 @pytest.mark.ray
