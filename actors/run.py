@@ -13,6 +13,11 @@ from typing import Callable, Optional
 from pipeline.config import RunConfig
 
 
+def cluster_address(address: Optional[str] = None) -> Optional[str]:
+    """The Ray cluster a run joins: `address`, else $RAY_ADDRESS; None = a local Ray on this machine."""
+    return address or os.environ.get("RAY_ADDRESS")
+
+
 def init_ray(num_cpus: Optional[int] = None, address: Optional[str] = None) -> bool:
     """Join `address`/$RAY_ADDRESS, or start a local Ray on this machine with `num_cpus` (default: all its
     cores). True if we started it."""
@@ -20,7 +25,7 @@ def init_ray(num_cpus: Optional[int] = None, address: Optional[str] = None) -> b
 
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(address)
     if address:
         ray.init(address=address, logging_level="WARNING")
         return False
@@ -97,8 +102,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     from pipeline.tracking import ConsoleLog, Tracker, flatten_config
 
     # Nothing is written before these checks pass. On a cluster the actors import their own nodes' packages.
-    local_actors = not (address or os.environ.get("RAY_ADDRESS"))
-    train_table, eval_table, _ = preflight(cfg, log, local_actors=local_actors)
+    train_table, eval_table, _ = preflight(cfg, log, local_actors=cluster_address(address) is None)
     ckpt = prepare_run_dir(cfg, resume, overwrite)
     started_ray = init_ray(cfg.resources.num_cpus, address)
     pools = None

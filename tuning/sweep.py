@@ -175,6 +175,7 @@ def _tuner(base_tree: dict, space, opts: SweepOptions, sweep_dir: str):
 def run_sweep(config: Optional[str], space_path: str, opts: SweepOptions, out: str, overrides=(),
               address: Optional[str] = None) -> dict:
     """Validate everything, then run a new sweep in `out`. Returns the report's summary dict."""
+    from actors.run import cluster_address
     from pipeline.config import load_config
     from pipeline.runs.preflight import preflight
     from pipeline.tracking import default_tracking_uri
@@ -204,7 +205,7 @@ def run_sweep(config: Optional[str], space_path: str, opts: SweepOptions, out: s
     tree = _base_tree(cfg, opts, default_tracking_uri(sweep_dir))
     base = load_config(base=tree)
     # model, data, reward functions; on a cluster the trials' actors import their own nodes' packages
-    preflight(base, local_actors=not (address or os.environ.get("RAY_ADDRESS")))
+    preflight(base, local_actors=cluster_address(address) is None)
     started_ray = _init_ray(base, address)
     try:
         import ray
