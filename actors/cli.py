@@ -46,16 +46,32 @@ def cmd_warmstart(args) -> int:
     return 0
 
 
+def _flag_fields(cls, prefix: str = ""):
+    """(flag name, dotted key, field) of every field of a run-settings dataclass; a nested section's fields are
+    `--section-field` (e.g. --lora-rank)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _flag_fields(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"--{(prefix + f.name).replace('.', '-').replace('_', '-')}", prefix + f.name, f, hints[f.name]
+
+
 def add_config_flags(p: argparse.ArgumentParser, cls) -> None:
     """One --flag per field of a run-settings dataclass, its help the field's doc (documented once)."""
     import dataclasses
 
-    for f in dataclasses.fields(cls):
+    for flag, key, f, _ in _flag_fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
         shown = "" if default in (None, "") else f" (default {default})"
         choices = f" One of: {', '.join(f.metadata['choices'])}." if f.metadata.get("choices") else ""
         metavar = "VALUE" if f.type not in ("bool", bool) else "true|false"
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, metavar=metavar,
+        p.add_argument(flag, dest=key, default=None, metavar=metavar,
                        help=(f.metadata["doc"] + choices + shown).replace("%", "%%"))
 
 
@@ -64,16 +80,15 @@ def config_from_args(cls, args, settings_name: str):
     import dataclasses
     import typing
 
-    from pipeline.config import _parse_scalar
+    from pipeline.config import _parse_scalar, set_dotted
     from pipeline.runs.supervised import build_run_config, read_run_settings
 
     values = dataclasses.asdict(read_run_settings(cls, args.resume, settings_name)) if args.resume else {}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        raw = getattr(args, f.name)
+    for _, key, f, hint in _flag_fields(cls):
+        raw = getattr(args, key)
         if raw is not None:
-            text_field = hints[f.name] in (str, typing.Optional[str])
-            values[f.name] = raw if text_field and raw != "null" else _parse_scalar(raw)
+            text_field = hint in (str, typing.Optional[str])
+            set_dotted(values, key, raw if text_field and raw != "null" else _parse_scalar(raw))
     if args.resume:
         values["out"] = args.resume
     return build_run_config(cls, values)

@@ -183,6 +183,18 @@ class EngineSettings:
                                 "and their gradients accumulated, exactly; 0 = one pass.", lo=0)
     gradient_checkpointing: bool = F(False, "Recompute activations in the backward pass (less memory, ~30% more "
                                      "compute).")
+    parallel: str = F("replicate", "How K > 1 data-parallel learners (RL: resources.learners; the supervised "
+                      "commands: --learners) hold the model: replicate = each holds all of it and gradients are "
+                      "all-reduced; shard = FSDP2 splits weights, gradients and AdamW state K ways (about 1/K each "
+                      "per learner), gathering one transformer block at a time. Both take the step one learner "
+                      "would. Checkpoints of a sharded run hold the gathered state and resume on any number of "
+                      "learners. RL with kl_coef > 0: the learners also hold the frozen reference, sharded the same "
+                      "way, instead of a reference actor with a whole copy. LoRA adapters train replicated.",
+                      choices=("replicate", "shard"))
+    cpu_offload: bool = F(False, "With parallel=shard: the parameter shards, their gradients and AdamW's moments "
+                          "stay in host memory and the optimizer steps there (FSDP2's CPUOffloadPolicy); the device "
+                          "holds only the block being gathered. For models whose shards do not fit the GPUs; slower "
+                          "(weights cross to the device every pass). No memory change on a CPU.")
 
     def engine_options(self, compute_dtype: str) -> dict:
         """These settings as `TrainEngine` takes them (warm-up is the trainer's schedule, not the engine's)."""
@@ -197,26 +209,14 @@ class LearnerConfig(EngineSettings):
     epochs: int = F(1, "Passes over each rollout batch (PPO epochs).", lo=1)
     minibatch_size: int = F(512, "Sequences per optimizer step; the step's N sequences are split into "
                             "ceil(N / minibatch_size) minibatches per epoch.", lo=1)
-    parallel: str = F("replicate", "How resources.learners > 1 learners hold the model (policy and separate "
-                      "critic): replicate = each holds all of it and gradients are all-reduced; shard = FSDP2 "
-                      "splits weights, gradients and AdamW state K ways (about 1/K each per learner), gathering "
-                      "one transformer block at a time. Both take the step one learner would. Checkpoints of a "
-                      "sharded run hold the gathered state and resume on any number of learners. With kl_coef > 0 "
-                      "the learners also hold the frozen reference, sharded the same way, instead of a reference "
-                      "actor with a whole copy.",
-                      choices=("replicate", "shard"))
-    cpu_offload: bool = F(False, "With learner.parallel=shard: the parameter shards, their gradients and AdamW's "
-                          "moments stay in host memory and the optimizer steps there (FSDP2's CPUOffloadPolicy); "
-                          "the device holds only the block being gathered. For models whose shards do not fit "
-                          "the GPUs; slower (weights cross to the device every pass). No memory change on a CPU.")
 
 
 @dataclass
 class LoraConfig:
-    rank: int = F(0, "LoRA rank of the policy's adapters (peft); 0 = full fine-tuning. Only the adapters train and "
-                  "are checkpointed; generators receive the merged weights (checksummed as always); the reference "
-                  "is the base without adapters, so no reference actor runs. The separate critic trains in full.",
-                  lo=0)
+    rank: int = F(0, "LoRA rank of the adapters (peft); 0 = full fine-tuning. Only the adapters train and are "
+                  "checkpointed (a reward model's new score head trains in full beside them); saved models and "
+                  "generators get the merged weights (checksummed as always). RL: the reference is the base "
+                  "without adapters, so no reference actor runs; the separate critic trains in full.", lo=0)
     alpha: float = F(16.0, "Adapter scale: the update to a weight is (alpha / rank) * B @ A.", lo=0.0)
     dropout: float = F(0.0, "Dropout on the adapter path. RL runs refuse > 0: the learner's two forwards of a "
                        "sample (pi_old, pi) would draw different masks, as model.disable_dropout avoids for the "
@@ -481,18 +481,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"lora.dropout: {cfg.lora.dropout} would draw new masks in the pi_old pass and again in the "
                           "update, so their ratio is not 1 at lr 0, and the generators get the dropout-free merge; "
                           "set lora.dropout=0 (RL disables the model's dropout for the same reason)")
-    if cfg.lora.rank and not cfg.lora.target_modules:
-        raise ConfigError("lora.target_modules: empty; name the modules that get adapters, e.g. [q_proj, v_proj], "
-                          "or [all-linear]")
-    if cfg.learner.parallel == "shard" and cfg.lora.rank:
-        raise ConfigError("learner.parallel: shard with lora.rank > 0 is not supported; LoRA's adapters are small, "
-                          "train them replicated (learner.parallel=replicate)")
-    if cfg.learner.cpu_offload and not learners_sharded(cfg):
-        raise ConfigError("learner.cpu_offload offloads the shards of sharded learners: set learner.parallel=shard "
-                          "and resources.learners > 1, or learner.cpu_offload=false")
-    if cfg.learner.parallel == "shard" and cfg.model.dtype == "float16":
-        raise ConfigError("learner.parallel: shard runs in bfloat16 or float32 (float16's loss scaler does not "
-                          "shard); set model.dtype=bfloat16")
+    check_engine_layout(cfg.learner, cfg.lora, cfg.resources.learners, cfg.model.dtype,
+                        {"parallel": "learner.parallel", "cpu_offload": "learner.cpu_offload",
+                         "learners": "resources.learners", "dtype": "model.dtype", "lora": "lora."})
     if cfg.learner.minibatch_size < cfg.resources.learners:
         raise ConfigError(f"learner.minibatch_size: {cfg.learner.minibatch_size} sequences cannot be split over "
                           f"resources.learners={cfg.resources.learners} learners; use at least one per learner")
@@ -547,6 +538,25 @@ def learner_reference(cfg: RunConfig) -> bool:
     copy of the model: a LoRA policy's base (adapters off), or a frozen reference sharded between sharded
     learners."""
     return cfg.algorithm.kl_coef > 0 and (cfg.lora.rank > 0 or learners_sharded(cfg))
+
+
+def check_engine_layout(engine: EngineSettings, lora: LoraConfig, learners: int, dtype: str,
+                        names: dict[str, str]) -> None:
+    """The engine settings' conflicts, for RL and the supervised commands alike; `names` spells each setting
+    as the caller's user writes it (parallel, cpu_offload, learners, dtype, and the lora section's prefix)."""
+    n = names
+    if lora.rank and not lora.target_modules:
+        raise ConfigError(f"{n['lora']}target_modules: empty; name the modules that get adapters, e.g. [q_proj, "
+                          "v_proj], or [all-linear]")
+    if engine.parallel == "shard" and lora.rank:
+        raise ConfigError(f"{n['parallel']}: shard with {n['lora']}rank > 0 is not supported; LoRA's adapters are "
+                          f"small, train them replicated ({n['parallel']}=replicate)")
+    if engine.cpu_offload and not (engine.parallel == "shard" and learners > 1):
+        raise ConfigError(f"{n['cpu_offload']} offloads the shards of sharded learners: set {n['parallel']}=shard "
+                          f"and {n['learners']} > 1, or {n['cpu_offload']}=false")
+    if engine.parallel == "shard" and dtype == "float16":
+        raise ConfigError(f"{n['parallel']}: shard runs in bfloat16 or float32 (float16's loss scaler does not "
+                          f"shard); set {n['dtype']}=bfloat16")
 
 
 def learners_sharded(cfg: RunConfig) -> bool:

@@ -207,3 +207,115 @@ def test_lora_run_end_to_end_keeps_generators_on_the_merged_policy(tiny_task, ra
     assert seen[-1][2] > 0                                   # the KL to the base is measured
     resumed = run_training(_cfg(tiny_task, tmp_path, *overrides[1:], "train.steps=4"), resume=True)
     assert resumed["steps"] == 4
+
+
+def _pairs(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [(f"{a}+{b}=", str(a + b), str(a + b + 1 + (a % 3))) for a in range(10, 40) for b in range(10, 14)]
+    prompts, chosen, rejected = zip(*rows)
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table({"prompt": list(prompts), "chosen": list(chosen), "rejected": list(rejected)}), path)
+    return str(path)
+
+
+@pytest.mark.unit
+def test_a_lora_snapshot_restores_the_function_it_was_taken_of(tiny_task):
+    """The best-weights path of early stopping under LoRA: `weights()` (merged) taken, training goes on, then
+    `load_weights` (from the snapshot, or from a saved folder with strict=False) makes the model compute the
+    snapshot's function again, and the saved folder is the plain model with the snapshot's weights."""
+    from pipeline.models import load_causal_lm, load_tokenizer
+    from pipeline.trainers.sft import SupervisedTrainer
+
+    prompts, answers = ["12+34=", "50+21=", "33+33="], ["46", "71", "66"]
+    torch.manual_seed(0)
+    trainer = SupervisedTrainer(load_causal_lm(tiny_task["model"]), load_tokenizer(tiny_task["model"]), prompts,
+                                answers, prompts, answers, answers, lr=5e-2, batch_size=3,
+                                lora={"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["all-linear"]})
+    for _ in range(3):
+        trainer.train_step()
+    snapshot, loss_then = trainer.weights(), trainer.evaluate()["eval/loss"]
+    assert not any("lora" in k for k in snapshot)
+    for _ in range(3):
+        trainer.train_step()
+    assert trainer.evaluate()["eval/loss"] != pytest.approx(loss_then, rel=1e-6)
+    trainer.load_weights(snapshot)
+    assert trainer.evaluate()["eval/loss"] == pytest.approx(loss_then, rel=1e-5)
+    with pytest.raises(ValueError, match="do not match"):
+        trainer.load_weights({"not.a.weight": torch.zeros(1)}, strict=False)
+
+
+@pytest.mark.unit
+def test_sft_trains_lora_adapters_from_the_cli_and_resumes_exactly(tiny_task, tmp_path):
+    """`rlpipe sft --lora-rank 4`: checkpoints hold only adapters, the result is a plain model folder (the base's
+    names, the adapters merged), and a run stopped mid-way and resumed by `--resume` ends on the same weights."""
+    from safetensors.torch import load_file
+
+    from actors.cli import main
+    from pipeline.checkpoint import latest_checkpoint, load_checkpoint
+    from pipeline.runs.supervised import SFTConfig, run_sft
+
+    flags = ["--model", tiny_task["model"], "--data", tiny_task["data"]["labelled"], "--eval-size", "20",
+             "--lr", "2e-2", "--batch-size", "16", "--max-steps", "20", "--eval-every", "10",
+             "--checkpoint-every", "10", "--patience", "null", "--lora-rank", "4", "--lora-alpha", "8"]
+    assert main(["sft", "--out", str(tmp_path / "a"), *flags]) == 0
+    base, a = load_file(f"{tiny_task['model']}/model.safetensors"), load_file(str(tmp_path / "a/model/model.safetensors"))
+    assert a.keys() == base.keys()
+    assert any(not torch.equal(a[k], base[k]) for k in a)
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path / "a" / "checkpoints"))
+    assert ckpt.models["model"] and all("lora_" in k for k in ckpt.models["model"])
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_10(line):
+        if line.startswith("step    10"):
+            raise Stop
+
+    cfg = SFTConfig(model=tiny_task["model"], data=tiny_task["data"]["labelled"], out=str(tmp_path / "b"),
+                    eval_size=20, lr=2e-2, batch_size=16, max_steps=20, eval_every=10, checkpoint_every=10,
+                    patience=None)
+    cfg.lora.rank, cfg.lora.alpha = 4, 8.0
+    with pytest.raises(Stop):
+        run_sft(cfg, log=stop_at_10)
+    assert main(["sft", "--resume", str(tmp_path / "b")]) == 0
+    b = load_file(str(tmp_path / "b/model/model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.unit
+def test_a_lora_reward_model_trains_its_new_head_in_full(tiny_task, tmp_path):
+    from safetensors.torch import load_file
+
+    from pipeline.checkpoint import latest_checkpoint, load_checkpoint
+    from pipeline.rewards.models import build_reward_model
+    from pipeline.models import load_tokenizer
+    from pipeline.runs.supervised import RewardModelConfig, run_reward_model
+
+    cfg = RewardModelConfig(model=tiny_task["model"], data=_pairs(tmp_path), out=str(tmp_path / "rm"), eval_size=20,
+                            lr=2e-2, batch_size=9, max_steps=4, eval_every=4, patience=None)
+    cfg.lora.rank = 4
+    result = run_reward_model(cfg, log=lambda _: None)
+    torch.manual_seed(cfg.seed)
+    fresh = build_reward_model(tiny_task["model"], load_tokenizer(tiny_task["model"])).state_dict()
+    saved = load_file(f"{result['model_dir']}/model.safetensors")
+    assert not torch.equal(saved["score.weight"], fresh["score.weight"])        # the head trained
+    assert all(".lora_" not in k for k in saved)
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path / "rm" / "checkpoints")).models["model"]
+    assert any(k.endswith("score.weight") for k in ckpt) and all("lora_" in k or "score" in k for k in ckpt)
+
+
+@pytest.mark.unit
+def test_supervised_engine_conflicts_are_one_line_naming_the_flags(tiny_task, tmp_path, capsys):
+    from actors.cli import main
+
+    base = ["sft", "--model", tiny_task["model"], "--data", tiny_task["data"]["labelled"], "--out",
+            str(tmp_path / "r")]
+    for extra, fragment in ((["--parallel", "shard", "--learners", "2", "--lora-rank", "4"], "--parallel: shard"),
+                            (["--lora-rank", "4", "--lora-target-modules", "[q_proj, nope]"], "nope is not a module"),
+                            (["--cpu-offload", "true"], "--cpu-offload offloads")):
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert fragment in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "r").exists()

@@ -41,13 +41,19 @@ def ray_two_cpus():
 
 
 @pytest.mark.ray
-def test_two_sft_learners_take_one_learners_steps_and_stop_alike(tiny_task, tmp_path, ray_two_cpus):
+@pytest.mark.parametrize("parallel", ["replicate", "shard"])
+def test_two_sft_learners_take_one_learners_steps_and_stop_alike(tiny_task, tmp_path, ray_two_cpus, parallel):
+    """Sharded (FSDP2, 1/2 of the weights each), every rank also takes part in each evaluation, each best-weights
+    snapshot and its restore at the early stop, and the saved model."""
     # batch 15 over 2 ranks: shares of 8 and 7 rows, so a wrong weighting of the shares shows.
     common = dict(model=tiny_task["model"], data=tiny_task["data"]["labelled"], eval_size=20, lr=3e-3,
                   batch_size=15, max_steps=6, eval_every=2, patience=1, checkpoint_every=100)
     one = run_sft(SFTConfig(out=str(tmp_path / "one"), **common), log=lambda _: None)
-    two = run_sft(SFTConfig(out=str(tmp_path / "two"), learners=2, **common), log=lambda _: None,
+    lines = []
+    two = run_sft(SFTConfig(out=str(tmp_path / "two"), learners=2, parallel=parallel, **common), log=lines.append,
                   launch=launch_learners)
+    layout = "sharded, each holds" if parallel == "shard" else "(replicated)"
+    assert layout in lines[0], lines[0]
     assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"))
     assert two["steps"] == one["steps"] and two["best_step"] == one["best_step"]
     for (s1, _, m1), (s2, _, m2) in zip(one["curve"], two["curve"]):
@@ -57,7 +63,8 @@ def test_two_sft_learners_take_one_learners_steps_and_stop_alike(tiny_task, tmp_
 
 
 @pytest.mark.ray
-def test_two_reward_model_learners_take_one_learners_steps(tiny_task, tmp_path, ray_two_cpus):
+@pytest.mark.parametrize("parallel", ["replicate", "shard"])
+def test_two_reward_model_learners_take_one_learners_steps(tiny_task, tmp_path, ray_two_cpus, parallel):
     rows = [(f"{a}+{b}=", str(a + b), str(a + b + 1 + (a % 3))) for a in range(10, 40) for b in range(10, 14)]
     prompts, chosen, rejected = zip(*rows)
     pairs = tmp_path / "pairs.parquet"
@@ -65,8 +72,8 @@ def test_two_reward_model_learners_take_one_learners_steps(tiny_task, tmp_path, 
     common = dict(model=tiny_task["model"], data=str(pairs), eval_size=20, lr=1e-3, batch_size=9, max_steps=3,
                   eval_every=3, patience=None)
     run_reward_model(RewardModelConfig(out=str(tmp_path / "one"), **common), log=lambda _: None)
-    run_reward_model(RewardModelConfig(out=str(tmp_path / "two"), learners=2, **common), log=lambda _: None,
-                     launch=launch_learners)
+    run_reward_model(RewardModelConfig(out=str(tmp_path / "two"), learners=2, parallel=parallel, **common),
+                     log=lambda _: None, launch=launch_learners)
     assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"))
 
 

@@ -120,6 +120,12 @@ def build_reward_model(backbone: str, tokenizer, dtype: str = "float32", disable
     return _load_sequence_classifier(backbone, tokenizer, dtype, disable_dropout)
 
 
+def score_heads(model) -> tuple[str, ...]:
+    """The top-level modules of a sequence classifier that are its new score head (`score` on causal-LM
+    backbones, `classifier` on encoders): what trains in full when the backbone trains LoRA adapters."""
+    return tuple(name for name in ("score", "classifier") if isinstance(getattr(model, name, None), torch.nn.Module))
+
+
 def load_reward_model(path: str, dtype: str = "float32"):
     """A trained reward model (a one-label sequence classifier folder) and its tokenizer, for scoring.
     Anything else is one ModelLoadError naming the path and the fix."""
@@ -196,4 +202,4 @@ class RewardModelFunction:
 
 __all__ = ["RewardModelFunction", "check_reward_model", "INPUT_FIELD", "LAYOUTS", "backbone_layout",
            "encode_for_reward", "pad_right", "last_real_token", "reward_scores", "build_reward_model",
-           "load_reward_model"]
+           "load_reward_model", "score_heads"]

@@ -16,21 +16,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import yaml
 
-from pipeline.config import ConfigError, EngineSettings, F, _build
+from pipeline.config import ConfigError, EngineSettings, F, LoraConfig, _build, check_engine_layout
 from pipeline.data.prompt_table import DataError
 
 
 @dataclass
 class SupervisedRunConfig(EngineSettings):
     """What every supervised run shares: model, data, schedule, stopping, precision, output; the engine's
-    settings (weight decay, warm-up, clipping, micro-batches, checkpointing) are RL's, documented once in
-    `pipeline.config.EngineSettings`."""
+    settings (weight decay, warm-up, clipping, micro-batches, checkpointing, replicated or sharded learners) and
+    LoRA (`--lora-rank`, ...) are RL's, documented once in `pipeline.config.EngineSettings` and `LoraConfig`."""
     model: str = F("", "Model to start from: a Hugging Face folder (e.g. made by `rlpipe init-model`) or hub name.")
     data: str = F("", "Training data: Parquet or JSON lines.")
     out: str = F("runs/sft", "Run folder (settings, checkpoints, MLflow, the trained model in <out>/model).")
@@ -57,6 +57,7 @@ class SupervisedRunConfig(EngineSettings):
                       "starts unless $RAY_ADDRESS names a cluster.", lo=1)
     cpus_per_learner: float = F(1.0, "CPU share of each learner when --learners > 1 (torch threads: the share "
                                 "rounded, at least 1); with --device cuda each learner also takes one GPU.", lo=0.0)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -98,7 +99,14 @@ def build_run_config(cls, values: dict):
     for name in ("model", "data"):
         if not getattr(cfg, name):
             raise ConfigError(f"--{name} is required")
+    check_engine_layout(cfg, cfg.lora, cfg.learners, cfg.dtype, {"parallel": "--parallel", "cpu_offload":
+                        "--cpu-offload", "learners": "--learners", "dtype": "--dtype", "lora": "--lora-"})
     return cfg
+
+
+def lora_options(cfg: SupervisedRunConfig) -> Optional[dict]:
+    """The run's LoRA as `TrainEngine` takes it; None for full fine-tuning."""
+    return dataclasses.asdict(cfg.lora) if cfg.lora.rank else None
 
 
 # ----------------------------------------------------------------------------- the run folder
@@ -144,6 +152,15 @@ def _demonstrations(cfg: SFTConfig):
     return data.split(cfg.eval_size, cfg.seed)
 
 
+def check_lora_targets(cfg: SupervisedRunConfig, model_config, auto_class: str) -> None:
+    """With --lora-rank > 0, every --lora-target-modules name must be a module of the model (before any learner
+    loads it)."""
+    if cfg.lora.rank:
+        from pipeline.trainers.lora import check_target_modules
+
+        check_target_modules(model_config, cfg.lora.target_modules, f"--model {cfg.model}", auto_class)
+
+
 def check_lengths(tokenizer, prompt_format, demos, model_config, what: str) -> None:
     """Every prompt + response + EOS must fit the model's positions: else one error naming the row."""
     from pipeline.data.prompt_format import max_positions
@@ -174,6 +191,7 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False,
     model_config = load_model_config(cfg.model, "causal LM")
     check_lengths(tokenizer, prompt_format, train, model_config, cfg.data)
     check_lengths(tokenizer, prompt_format, held_out, model_config, cfg.eval_data or f"{cfg.data} (held out)")
+    check_lora_targets(cfg, model_config, "AutoModelForCausalLM")
     return train_in_run_folder(cfg, functools.partial(build_sft_trainer, cfg, train, held_out), "sft.yaml",
                                f"sft: {len(train)} training rows, {len(held_out)} held out",
                                resume=resume, overwrite=overwrite, log=log, launch=launch)
@@ -193,7 +211,7 @@ def build_sft_trainer(cfg: SFTConfig, train, held_out, rank: int = 0, world_size
         load_causal_lm(cfg.model, device=cfg.device), tokenizer, train.prompts, train.responses, held_out.prompts,
         held_out.responses, held_out.answers, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
         warmup_steps=cfg.warmup_steps, decay_steps=cfg.max_steps if cfg.cosine else None,
-        max_new_tokens=cfg.max_new_tokens, **cfg.engine_options(cfg.dtype),
+        max_new_tokens=cfg.max_new_tokens, **cfg.engine_options(cfg.dtype), lora=lora_options(cfg),
         prompt_format=PromptFormat(tokenizer, chat_template=cfg.chat_template),
         rank=rank, world_size=world_size, group=group)
 
@@ -214,7 +232,9 @@ def run_reward_model(cfg: RewardModelConfig, *, resume: bool = False, overwrite:
     train, held_out = (pairs, read_preference_pairs(cfg.eval_data, **columns)) if cfg.eval_data \
         else pairs.split(cfg.eval_size, cfg.seed)
     load_tokenizer(cfg.model)
-    layout = backbone_layout(load_model_config(cfg.model, "reward model backbone"))
+    model_config = load_model_config(cfg.model, "reward model backbone")
+    layout = backbone_layout(model_config)
+    check_lora_targets(cfg, model_config, "AutoModelForSequenceClassification")
     return train_in_run_folder(cfg, functools.partial(build_reward_model_trainer, cfg, train, held_out),
                                "reward_model.yaml", f"reward model: {len(train)} training pairs, {len(held_out)} "
                                f"held out; {layout} layout", resume=resume, overwrite=overwrite,
@@ -237,7 +257,7 @@ def build_reward_model_trainer(cfg: RewardModelConfig, train, held_out, rank: in
     return RewardModelTrainer(
         model, tokenizer, train, held_out, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
         warmup_steps=cfg.warmup_steps, decay_steps=cfg.max_steps if cfg.cosine else None,
-        **cfg.engine_options(cfg.dtype),
+        **cfg.engine_options(cfg.dtype), lora=lora_options(cfg),
         max_length=cfg.max_length or max_positions(model.config), rank=rank, world_size=world_size, group=group)
 
 
@@ -247,13 +267,15 @@ def train_in_run_folder(cfg: SupervisedRunConfig, build: Callable, settings_name
     the run folder (all input is checked by now), run `train_loop` with cfg's schedule, finish the run."""
     from pipeline.trainers.loop import train_loop
 
+    if cfg.parallel == "shard" and cfg.learners == 1:
+        log("warning: --parallel shard with --learners 1 does not shard: sharding starts at 2 learners")
     if cfg.learners > 1 and launch is None:
         raise ConfigError(f"learners={cfg.learners} needs Ray actors: run it with the rlpipe command, or pass "
                           "launch=actors.supervised.launch_learners")
     trainer = build() if cfg.learners == 1 else launch(build, cfg)
     try:
         out, tracker = open_run_folder(cfg, settings_name, resume=resume, overwrite=overwrite)
-        learners = f" x {cfg.learners} data-parallel learners" if cfg.learners > 1 else ""
+        learners = f" x {cfg.learners} data-parallel learners ({trainer.layout()})" if cfg.learners > 1 else ""
         log(f"{what}; {trainer.num_parameters() / 1e6:.1f} M parameters{learners}; run folder {out}")
         with tracker:
             result = train_loop(trainer, eval_every=cfg.eval_every, max_steps=cfg.max_steps,

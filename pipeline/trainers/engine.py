@@ -43,7 +43,8 @@ import torch
 from torch import nn
 
 from pipeline.collective import Group, all_reduce_grads
-from pipeline.trainers.lora import adapter_state, apply_lora, load_adapter_state, merged_copy, merged_state
+from pipeline.trainers.lora import (adapter_state, apply_lora, load_adapter_state, load_merged_state, merged_copy,
+                                   merged_state)
 from pipeline.models import DTYPES, enable_activation_checkpointing, transformer_blocks
 
 
@@ -110,7 +111,8 @@ class TrainEngine:
     micro_batch_tokens: 0 = a trainer's rows go through in one pass; else the budget `micro_batches` uses.
     group: returns the data-parallel process group (or None): looked up at each step, because learners
     join their group after they are built.
-    lora: None, or {rank, alpha, dropout, target_modules}: train adapters on the frozen model instead.
+    lora: None, or {rank, alpha, dropout, target_modules[, train_in_full]}: train adapters on the frozen model
+    instead (`pipeline.trainers.lora.apply_lora`).
     """
 
     def __init__(self, model: nn.Module, *, lr: float, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
@@ -326,6 +328,25 @@ class TrainEngine:
             return out if self.rank == 0 else None
         state = merged_state(self.model) if self.lora else self.model.state_dict()
         return {k: v.detach().to(target) for k, v in state.items()}
+
+    def weights(self) -> Optional[dict[str, torch.Tensor]]:
+        """A float32 copy of the weights the model computes with, under the plain model's names (LoRA: merged),
+        as a best-so-far snapshot or a saved folder holds them. Sharded: as `export_state` (rank 0 gets them)."""
+        state = self.export_state("float32")
+        return None if state is None else {k: v.clone() for k, v in state.items()}
+
+    def load_weights(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Make the model compute with `state` (`weights`' names; strict=False: a saved folder's, which lists
+        tied weights once). LoRA: into the base, the adapters zeroed. Sharded: every rank passes the whole
+        state and keeps its shard."""
+        if self.lora:
+            load_merged_state(self.model, state, strict)
+        elif self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
+        else:
+            self.model.load_state_dict(state, strict=strict)
 
     def reference(self):
         """Context in which a LoRA model computes its frozen base (adapters off): a LoRA run's reference

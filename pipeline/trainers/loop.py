@@ -64,9 +64,9 @@ class EngineTrainer:
 
     def _start(self, model, tokenizer, rank: int = 0, world_size: int = 1,
                group: Callable[[], Optional[object]] = lambda: None, **engine_options) -> None:
-        """Hold model and tokenizer, and the engine (options as `TrainEngine` takes them) on the model's device.
-        rank / world_size / group: this learner's place among data-parallel learners and their process group
-        (looked up at each step: learners join it after they are built)."""
+        """Hold model and tokenizer, and the engine (options as `TrainEngine` takes them, LoRA included) on the
+        model's device. rank / world_size / group: this learner's place among data-parallel learners and their
+        process group (looked up at each step: learners join it after they are built)."""
         from pipeline.trainers.engine import TrainEngine
 
         self.model, self.tokenizer = model, tokenizer
@@ -75,6 +75,11 @@ class EngineTrainer:
         self.engine = TrainEngine(model, device=str(self.device), group=group, **engine_options)
         self.step_count = 0
 
+    def step_shares(self, index: torch.Tensor) -> dict:
+        """What `TrainEngine.train_step` needs beyond this rank's rows for a minibatch `index`: the most rows a
+        rank holds, and a stand-in row for a sharded rank's padding passes."""
+        return {"most": -(-len(index) // self.world_size), "stand_in": index[:1]}
+
     def my_rows(self, index: torch.Tensor) -> torch.Tensor:
         """This rank's consecutive share of a minibatch's row indices (all of them on a single learner)."""
         return index.tensor_split(self.world_size)[self.rank] if self.world_size > 1 else index
@@ -82,13 +87,13 @@ class EngineTrainer:
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
-    def weights(self) -> dict[str, torch.Tensor]:
-        """A copy of the model's weights (float32 masters)."""
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+    def weights(self) -> Optional[dict[str, torch.Tensor]]:
+        """A float32 copy of the weights the model computes with (`TrainEngine.weights`)."""
+        return self.engine.weights()
 
     def load_weights(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
         """Load `state` (strict=False: a saved folder's, which lists tied weights once)."""
-        self.model.load_state_dict(state, strict=strict)
+        self.engine.load_weights(state, strict)
 
     def close(self) -> None:
         """Nothing to release in one process."""
@@ -107,10 +112,9 @@ class EngineTrainer:
         self.rows.load_state(models["data_order"])
         self.step_count = int(models["data_order"]["step"])
 
-    def save_model(self, out_dir) -> str:
-        from pipeline.checkpoint import save_hf_model
-
-        return save_hf_model(self.model, self.tokenizer, out_dir)
+    def save_model(self, out_dir) -> Optional[str]:
+        """The model as a Hugging Face folder in float32 (LoRA: merged); sharded, rank 0 writes it."""
+        return self.engine.save_hf(out_dir, self.tokenizer, dtype="float32")
 
 
 def train_loop(trainer, *, eval_every: int, max_steps: Optional[int] = None,

@@ -27,21 +27,28 @@ def lora_target_modules(names: list[str]):
     return ALL_LINEAR if list(names) == [ALL_LINEAR] else list(names)
 
 
-def apply_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float, target_modules: list[str]) -> nn.Module:
+def apply_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float, target_modules: list[str],
+               train_in_full: tuple[str, ...] = ()) -> nn.Module:
     """`model` wrapped by peft with fresh adapters (B = 0, so the wrapped model computes what `model` did);
-    every base parameter frozen. The adapters' A init draws from torch's global generator, which every
-    data-parallel rank seeds alike."""
+    every base parameter frozen but those of the top-level modules named in `train_in_full` (a reward model's
+    new score head), which train as they are and sit in `adapter_state` beside the adapters. The adapters'
+    A init draws from torch's global generator, which every data-parallel rank seeds alike."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
-                        target_modules=lora_target_modules(target_modules), bias="none")
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none",
+                        target_modules=lora_target_modules(target_modules),
+                        exclude_modules=list(train_in_full) or None)     # trained in full: no adapter on top
     try:
         with warnings.catch_warnings():     # peft asks transformers 5 a deprecated question: not the user's
             warnings.simplefilter("ignore", FutureWarning)
-            return get_peft_model(model, config)
+            wrapped = get_peft_model(model, config)
     except ValueError as e:   # peft: "Target modules {...} not found in the base model"
         raise LoraTargetError(f"lora.target_modules={list(target_modules)}: {e}. {_linear_layers_hint(model)}") \
             from None
+    for name in train_in_full:
+        for p in getattr(model, name).parameters():
+            p.requires_grad_(True)
+    return wrapped
 
 
 def _linear_layers_hint(model: nn.Module) -> str:
@@ -51,18 +58,20 @@ def _linear_layers_hint(model: nn.Module) -> str:
     return f"This model's linear layers are named {', '.join(names)}; or use [{ALL_LINEAR}]"
 
 
-def check_target_modules(model_config, target_modules: list[str], where: str) -> None:
-    """Refuse a lora.target_modules name that matches no module of the causal LM `model_config` describes
+def check_target_modules(model_config, target_modules: list[str], where: str,
+                         auto_class: str = "AutoModelForCausalLM") -> None:
+    """Refuse a lora.target_modules name that matches no module of the model `model_config` describes (built
+    by transformers' `auto_class`: a causal LM, or a reward model's AutoModelForSequenceClassification)
     (`where`: the model's path, for the message), before any learner loads it. The model is built on the meta
     device: module names without weights, so a big model costs no memory. A name matches as peft matches
     it (the module's full name, or its last dotted parts); stricter than peft, which refuses only when no
     name matches, because a mistyped second name would silently train fewer adapters than asked."""
     if lora_target_modules(target_modules) == ALL_LINEAR:
         return
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config)
+        model = getattr(transformers, auto_class).from_config(model_config)
     names = [n for n, _ in model.named_modules() if n]
     missing = [t for t in target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
     if missing:
@@ -102,11 +111,18 @@ def merged_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _trained_in_full(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The base parameters `apply_lora(train_in_full=...)` left trainable, by their name in the peft model."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n}
+
+
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the adapters' weights (peft's names): what a LoRA checkpoint holds."""
+    """Only what trains: the adapters' weights (peft's names) and any module trained in full: what a LoRA
+    checkpoint holds."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return {**state, **{k: p.detach().clone() for k, p in _trained_in_full(model).items()}}
 
 
 def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -114,7 +130,9 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
     rank or target-module list must not load half)."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
+    full = _trained_in_full(model)
     expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+    expected.update({k: tuple(p.shape) for k, p in full.items()})
     got = {k: tuple(v.shape) for k, v in state.items()}
     if got != expected:
         missing, unexpected = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
@@ -122,7 +140,28 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
         raise ValueError(f"the checkpoint's LoRA adapters do not match this model's (lora.rank / "
                          f"lora.target_modules changed?): missing {missing[:2]}, unexpected {unexpected[:2]}, "
                          f"other shape {[(k, got[k], expected[k]) for k in reshaped[:1]]}")
-    set_peft_model_state_dict(model, state)
+    set_peft_model_state_dict(model, {k: v for k, v in state.items() if k not in full})
+    with torch.no_grad():
+        for k, p in full.items():
+            p.copy_(state[k])
+
+
+def load_merged_state(model: nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Make the LoRA model compute the plain model whose weights are `state` (`merged_state`'s names, e.g. a
+    saved best model): the weights go into the base and every adapter's B is zeroed, so the delta is 0.
+    strict=False: names missing from `state` keep their value (a saved folder lists tied weights once)."""
+    targets = {k.replace(".base_layer.", "."): v for k, v in model.get_base_model().state_dict().items()
+               if ".lora_" not in k}
+    missing, unexpected = targets.keys() - state.keys(), state.keys() - targets.keys()
+    if unexpected or (strict and missing):
+        raise ValueError(f"weights do not match the model: missing {sorted(missing)[:2]}, unexpected "
+                         f"{sorted(unexpected)[:2]}")
+    with torch.no_grad():
+        for k, v in state.items():
+            targets[k].copy_(v)
+        for layer in _lora_layers(model).values():
+            for b in layer.lora_B.values():
+                b.weight.zero_()
 
 
 def merged_copy(model: nn.Module) -> nn.Module:
@@ -133,4 +172,4 @@ def merged_copy(model: nn.Module) -> nn.Module:
 
 
 __all__ = ["ALL_LINEAR", "LoraTargetError", "apply_lora", "check_target_modules", "merged_state", "adapter_state",
-           "load_adapter_state", "merged_copy", "lora_target_modules"]
+           "load_adapter_state", "load_merged_state", "merged_copy", "lora_target_modules"]

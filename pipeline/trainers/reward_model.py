@@ -13,21 +13,25 @@ import torch
 
 from pipeline.algorithms.preference import bradley_terry_loss, pairwise_accuracy
 from pipeline.trainers.engine import lr_factor
-from pipeline.rewards.models import encode_for_reward, pad_right, reward_scores
+from pipeline.rewards.models import encode_for_reward, pad_right, reward_scores, score_heads
 from pipeline.trainers.loop import EngineTrainer, ShuffledRows
 
 
 class RewardModelTrainer(EngineTrainer):
     """model: from `pipeline.rewards.models.build_reward_model`; train / held_out: `PreferencePairs`;
-    rank / world_size / group: as one of several data-parallel learners (`EngineTrainer`)."""
+    rank / world_size / group: as one of several data-parallel learners (`EngineTrainer`); lora: adapters on the
+    backbone, the new score head trained in full."""
 
     def __init__(self, model, tokenizer, train, held_out, *, lr: float, batch_size: int, seed: int = 0,
                  weight_decay: float = 0.0, warmup_steps: int = 0, decay_steps: Optional[int] = None,
                  max_grad_norm: float = 1.0, compute_dtype: str = "float32", micro_batch_tokens: int = 0,
                  gradient_checkpointing: bool = False, max_length: Optional[int] = None,
-                 eval_batch_size: int = 64, rank: int = 0, world_size: int = 1, group=lambda: None):
+                 eval_batch_size: int = 64, rank: int = 0, world_size: int = 1, group=lambda: None,
+                 lora: Optional[dict] = None):
+        if lora:          # the score head is new: it trains in full beside the backbone's adapters
+            lora = {**lora, "train_in_full": score_heads(model)}
         self._start(model, tokenizer, rank, world_size, group, lr=lr, weight_decay=weight_decay,
-                    max_grad_norm=max_grad_norm, compute_dtype=compute_dtype,
+                    max_grad_norm=max_grad_norm, compute_dtype=compute_dtype, lora=lora,
                     micro_batch_tokens=micro_batch_tokens, gradient_checkpointing=gradient_checkpointing)
         self.train, self.held_out = self._encode(train, max_length), self._encode(held_out, max_length)
         self.lr, self.warmup_steps, self.decay_steps = lr, warmup_steps, decay_steps
@@ -53,8 +57,8 @@ class RewardModelTrainer(EngineTrainer):
     def train_step(self) -> dict[str, float]:
         index = self.rows.next()
         mine = self.my_rows(index)
-        length = 2 * max((len(self.train[side][i]["input_ids"]) for side in ("chosen", "rejected")
-                          for i in mine), default=0)
+        length = 2 * max(len(self.train[side][i]["input_ids"]) for side in ("chosen", "rejected")
+                         for i in index)         # the whole minibatch's: every rank splits it alike
 
         def loss(part):
             value = self._loss(self.train, part)[0]
@@ -62,7 +66,7 @@ class RewardModelTrainer(EngineTrainer):
 
         figures, _ = self.engine.train_step(      # pair-mean over the whole minibatch = sum of shares
             mine, length, loss, lambda part: len(part) / len(index),
-            lr=self.lr * lr_factor(self.step_count, self.warmup_steps, self.decay_steps))
+            lr=self.lr * lr_factor(self.step_count, self.warmup_steps, self.decay_steps), **self.step_shares(index))
         self.step_count += 1
         return {"loss": figures.get("loss", 0.0)}    # this rank's share: the ranks' sum is the minibatch's loss
 

@@ -72,7 +72,8 @@ class SupervisedTrainer(EngineTrainer):
     of the held-out responses) always, `eval/accuracy` (greedy exact match against `eval_answers`) when
     answers are given; the early-stopping score is the accuracy if there is one, else minus the loss.
     The lr warms up linearly over `warmup_steps`, then stays constant or decays (cosine) to 10% at
-    `decay_steps`. rank / world_size / group: as one of several data-parallel learners (`EngineTrainer`).
+    `decay_steps`. rank / world_size / group: as one of several data-parallel learners (`EngineTrainer`);
+    lora: adapters instead of full fine-tuning (`TrainEngine`).
     """
 
     def __init__(self, model, tokenizer, prompts: list, responses: list[str], eval_prompts: list,
@@ -81,9 +82,10 @@ class SupervisedTrainer(EngineTrainer):
                  decay_steps: Optional[int] = None, max_new_tokens: Optional[int] = None,
                  max_grad_norm: float = 1.0, compute_dtype: str = "float32", micro_batch_tokens: int = 0,
                  gradient_checkpointing: bool = False, prompt_format: Optional[PromptFormat] = None,
-                 eval_batch_size: int = 250, rank: int = 0, world_size: int = 1, group=lambda: None):
+                 eval_batch_size: int = 250, rank: int = 0, world_size: int = 1, group=lambda: None,
+                 lora: Optional[dict] = None):
         self._start(model, tokenizer, rank, world_size, group, lr=lr, weight_decay=weight_decay,
-                    max_grad_norm=max_grad_norm, compute_dtype=compute_dtype,
+                    max_grad_norm=max_grad_norm, compute_dtype=compute_dtype, lora=lora,
                     micro_batch_tokens=micro_batch_tokens, gradient_checkpointing=gradient_checkpointing)
         self.prompt_format = prompt_format or PromptFormat(tokenizer)
         self.data = encode_supervised(tokenizer, prompts, responses, self.prompt_format)
@@ -109,7 +111,7 @@ class SupervisedTrainer(EngineTrainer):
         figures, _ = self.engine.train_step(      # token-mean = the micro-batches' shares, summed
             self.my_rows(index), self.length, loss,
             lambda part: float(self.data["completion_mask"][part].sum() / tokens),
-            lr=self.lr * lr_factor(self.step_count, self.warmup_steps, self.decay_steps))
+            lr=self.lr * lr_factor(self.step_count, self.warmup_steps, self.decay_steps), **self.step_shares(index))
         self.step_count += 1
         return {"loss": figures.get("loss", 0.0)}    # this rank's share: the ranks' sum is the minibatch's loss
 
