@@ -16,3 +16,16 @@ def dies_once(prompts, completions, **columns):
         open(marker, "w").close()
         os._exit(1)
     return sevens(prompts, completions)
+
+
+def flaky(prompts, completions, **columns):
+    """Raises on any batch of more than one sample that holds a '1', and on each such sample alone: a reward
+    whose batch mode is broken and that fails on some samples."""
+    if any("1" in c for c in completions) and len(completions) > 1:
+        raise ValueError("batch mode broken")
+    return [1 / 0 if "1" in c else 0.5 for c in completions]
+
+
+def wordy(prompts, completions, **columns):
+    """Returns text, not a number, for every sample: every sample's reward fails."""
+    return ["great" for c in completions]

@@ -4,6 +4,7 @@ a different number of learners."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import ray
@@ -177,8 +178,10 @@ def test_sharding_refuses_what_it_cannot_do(tiny_task, tmp_path):
 @pytest.mark.slow
 def test_sharded_run_killed_and_resumed_on_one_learner_continues_its_curve(tiny_task, tmp_path):
     """`rlpipe train` on 2 sharded learners (holding the KL's reference between them), crashed after step 3
-    (checkpoint at 2), resumed with resources.learners=1 (a reference actor): steps 1..5 logged once each, and
-    the resumed steps' losses are those of the same run left uninterrupted on 2 sharded learners."""
+    (checkpoint at 2), resumed by `rlpipe train --resume` with resources.learners=1 (a reference actor): steps
+    1..5 logged once each, and the resumed steps' losses are those of the same run left uninterrupted on 2
+    sharded learners. (This is also the synchronous crash-and-resume test: the resumed run is one plain learner;
+    the asynchronous one is in test_async.py.)"""
     import mlflow
 
     from actors.cli import main
@@ -205,10 +208,12 @@ def test_sharded_run_killed_and_resumed_on_one_learner_continues_its_curve(tiny_
     out = tmp_path / "resumed"
     with pytest.raises(Crash):
         run_training(load_config("grpo", args(out)), on_step=crash_at_3)
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_000002"]
     assert main(["train", "--resume", str(out), "resources.learners=1"]) == 0
     run, losses = curve(out)
     _, want = curve(whole)
-    assert sorted(losses) == [1, 2, 3, 4, 5] and run.info.status == "FINISHED"
+    assert sorted(losses) == [1, 2, 3, 4, 5] and run.info.status == "FINISHED"   # no step logged twice
+    assert "step_000005" in os.listdir(out / "checkpoints")
     assert any(abs(v) > 1e-4 for v in want.values())             # the policy did learn something
     for step in range(1, 6):
         assert losses[step] == pytest.approx(want[step], rel=1e-3, abs=1e-5), (step, losses, want)

@@ -1,6 +1,6 @@
-"""End to end through `rlpipe train`: learning, resume without duplicate steps, bad input writes nothing."""
+"""End to end through `rlpipe train`: learning, recovery from a lost learner, failing rewards, bad input writes
+nothing. The runs share one local Ray (`ray_local`, a module fixture): nothing here kills a node."""
 import os
-import shutil
 
 import mlflow
 import pytest
@@ -11,7 +11,6 @@ from actors.cli import main
 from actors.run import run_training
 from pipeline.config import load_config
 
-TESTS = os.path.dirname(__file__)
 
 
 def run_args(task, out, *extra):
@@ -23,10 +22,9 @@ def run_args(task, out, *extra):
 
 
 @pytest.mark.slow
-def test_reward_rises_params_change_and_workers_sync(tiny_task, tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(TESTS)
+def test_reward_rises_params_change_and_workers_sync(tiny_task, tmp_path, ray_local):
     out = tmp_path / "learn"
-    cfg = load_config("grpo", run_args(tiny_task, out, "reward.functions=[rewards_for_tests:sevens]",
+    cfg = load_config("grpo", run_args(tiny_task, out, "reward.functions=[tests.rewards_for_tests:sevens]",
                                        "learner.lr=1e-2", "train.steps=15", "train.time_budget_s=null",
                                        "train.eval_every=5", "checkpoint.every=0"))
     synced = []
@@ -54,27 +52,6 @@ def test_reward_rises_params_change_and_workers_sync(tiny_task, tmp_path, monkey
 
 class Crash(RuntimeError):
     pass
-
-
-@pytest.mark.slow
-def test_interrupted_run_resumes_without_logging_a_step_twice(tiny_task, tmp_path):
-    out = tmp_path / "resume"
-    args = run_args(tiny_task, out, "train.steps=5", "train.eval_every=2", "checkpoint.every=2")
-
-    def crash_at_3(step, metrics, trainer):
-        if step == 3:
-            raise Crash("simulated failure after the step-2 checkpoint")
-
-    with pytest.raises(Crash):
-        run_training(load_config("grpo", args), on_step=crash_at_3)
-    assert sorted(os.listdir(out / "checkpoints")) == ["step_000002"]
-    assert main(["train", "--resume", str(out)]) == 0
-    client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
-    (run,) = client.search_runs([client.get_experiment_by_name("rlpipe").experiment_id])
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "reward/mean")]
-    assert sorted(steps) == [1, 2, 3, 4, 5]
-    assert run.info.status == "FINISHED"
-    assert "step_000005" in os.listdir(out / "checkpoints")
 
 
 @pytest.mark.unit      # every case stops in the checks before Ray starts
@@ -121,16 +98,9 @@ def test_bad_input_one_clear_error_and_no_run_dir(tiny_task, tmp_path, capsys, c
 
 @pytest.mark.slow
 @pytest.mark.parametrize("on_failure", ["score", "drop"])
-def test_reward_that_raises_on_a_sample_is_counted_and_run_goes_on(tiny_task, tmp_path, monkeypatch, on_failure):
-    (tmp_path / "flaky_reward.py").write_text(
-        "def flaky(prompts, completions, **columns):\n"
-        "    if any('1' in c for c in completions) and len(completions) > 1:\n"
-        "        raise ValueError('batch mode broken')\n"
-        "    return [1 / 0 if '1' in c else 0.5 for c in completions]\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.chdir(tmp_path)
+def test_reward_that_raises_on_a_sample_is_counted_and_run_goes_on(tiny_task, tmp_path, ray_local, on_failure):
     out = tmp_path / "flaky"
-    cfg = load_config("grpo", run_args(tiny_task, out, "reward.functions=[flaky_reward:flaky]", "train.steps=2",
+    cfg = load_config("grpo", run_args(tiny_task, out, "reward.functions=[tests.rewards_for_tests:flaky]", "train.steps=2",
                                        "train.eval_every=2", f"reward.on_failure={on_failure}"))
     summary = run_training(cfg)
     client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
@@ -141,26 +111,23 @@ def test_reward_that_raises_on_a_sample_is_counted_and_run_goes_on(tiny_task, tm
 
 
 @pytest.mark.slow
-def test_a_reward_that_always_fails_is_reported_and_stops_the_run(tiny_task, tmp_path, capsys, monkeypatch):
+def test_a_reward_that_always_fails_is_reported_and_stops_the_run(tiny_task, tmp_path, capsys, ray_local):
     """A function that returns text for every sample: the step line shows the failures, its first failure is
     printed once, and the run stops with one clear error after reward.max_failed_steps steps."""
-    (tmp_path / "wordy.py").write_text("def wordy(prompts, completions, **columns):\n"
-                                       "    return ['great' for c in completions]\n")
-    monkeypatch.chdir(tmp_path)
     out = tmp_path / "wordy_run"
-    args = run_args(tiny_task, out, "reward.functions=[wordy:wordy]", "train.steps=10", "reward.max_failed_steps=2",
+    args = run_args(tiny_task, out, "reward.functions=[tests.rewards_for_tests:wordy]", "train.steps=10", "reward.max_failed_steps=2",
                     "train.eval_every=100")
     assert main(["train", "--config", "grpo", *args]) == 2
     captured = capsys.readouterr()
-    assert captured.out.count("wordy:wordy first failed with: returned 'great', not a finite number") == 1
+    assert captured.out.count("tests.rewards_for_tests:wordy first failed with: returned 'great', not a finite number") == 1
     assert "| failed 32 |" in captured.out
     errors = [line for line in captured.err.splitlines() if line.startswith("rlpipe train: error:")]
     assert len(errors) == 1 and "every sample's reward failed for 2 steps in a row" in errors[0], captured.err[-2000:]
-    assert "wordy:wordy: returned 'great'" in errors[0]
+    assert "tests.rewards_for_tests:wordy: returned 'great'" in errors[0]
 
 
 @pytest.mark.slow
-def test_lost_learner_resumes_from_checkpoint_by_itself(tiny_task, tmp_path):
+def test_lost_learner_resumes_from_checkpoint_by_itself(tiny_task, tmp_path, ray_local):
     import signal
 
     import ray
