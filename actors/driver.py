@@ -135,15 +135,21 @@ class Trainer:
         for gen, prompt_range in zip(self.pools.generators, split_indices(len(rows), len(self.pools.generators))):
             if not prompt_range:
                 continue
-            prompts = [rows[b][pc] for b in prompt_range for _ in range(G)]     # (n,) each prompt G times
             groups = [b for b in prompt_range for _ in range(G)]
             index = [b * G + g for b in prompt_range for g in range(G)]         # global sequence position
+            if self.cfg.env.name:          # one episode of the environment per sample, on the whole row
+                calls.append(ShardCall(gen, "generate_episodes", ([rows[b] for b in groups], groups, index, step)))
+                continue
+            prompts = [rows[b][pc] for b in groups]                             # (n,) each prompt G times
             calls.append(ShardCall(gen, "generate", (prompts, groups, index, step)))
         return calls
 
     def score(self, rollout: Rollout, rows: list[dict]) -> tuple[TrainBatch, dict[str, float]]:
         """Every sample scored exactly once, by the reward functions on the dataset's prompt (text or
-        messages, as in the file) and its columns; `reward.on_failure=drop` then removes failed samples."""
+        messages, as in the file) and its columns; `reward.on_failure=drop` then removes failed samples.
+        Episodes of an environment come scored by it (`score_episodes`)."""
+        if rollout.token_rewards is not None:
+            return score_episodes(rollout)
         G, N, pc = self.cfg.rollout.samples_per_prompt, len(rollout.prompts), self.cfg.data.prompt_column
         prompts = [rows[i // G][pc] for i in range(N)]
         columns = {c: [rows[i // G][c] for i in range(N)] for c in self.extra_columns}
@@ -205,12 +211,13 @@ class Trainer:
         batch.old_logprobs = learned["old_logprobs"]
         # How far the sampler's log-probs were from the learner's (bf16 decode vs full forward, an engine).
         gap = (batch.old_logprobs - r.logprobs).abs()
-        return {"policy/sampler_logprob_gap": masked_mean(gap, r.completion_mask).item()}
+        return {"policy/sampler_logprob_gap": masked_mean(gap, r.train_mask).item()}
 
     def advantages(self, batch: TrainBatch) -> None:
         a, r = self.cfg.algorithm, batch.rollout
-        mask = r.completion_mask
-        token_rewards = place_sequence_reward(batch.scores, mask)                      # (N, T)
+        mask = r.train_mask
+        token_rewards = (place_sequence_reward(batch.scores, mask) if r.token_rewards is None  # (N, T)
+                         else r.token_rewards)                 # an environment's: each turn's on its last token
         penalty = None                                                                  # (N, T) KL in reward
         if a.kl_in_reward and batch.ref_logprobs is not None:
             penalty = -a.kl_coef * kl_penalty(batch.pi_old_logprobs, batch.ref_logprobs, a.kl_estimator) * mask
@@ -240,7 +247,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ metrics
     def metrics(self, rollout: Rollout, stats: dict, seconds: dict) -> dict[str, float]:
-        mask = rollout.completion_mask
+        mask = rollout.train_mask
         step_s = sum(seconds.values())
         # asynchronous: generation overlaps the step, so its tokens count against the step's seconds
         generate_s = step_s if self.cfg.rollout.max_staleness else seconds["generate"]
@@ -251,7 +258,7 @@ class Trainer:
             "time/step_s": step_s, "policy/version": self.version, "fault/resent_shards": self.resent_shards,
         }
         if self.last_batch is not None and self.last_batch.num_sequences:
-            m["advantage/mean"] = masked_mean(self.last_batch.advantages, self.last_batch.rollout.completion_mask).item()
+            m["advantage/mean"] = masked_mean(self.last_batch.advantages, self.last_batch.rollout.train_mask).item()
         m.update({f"time/{k}_s": v for k, v in seconds.items()})
         m.update(stats)
         return m
@@ -293,6 +300,27 @@ class Trainer:
         if ckpt.rng:
             restore_rng(ckpt.rng)
         self.weights.resume(version)
+
+
+def score_episodes(rollout: Rollout) -> tuple[TrainBatch, dict[str, float]]:
+    """Episodes come scored by their environment: the score is the sum of an episode's turn rewards. A
+    placeholder (its environment raised or timed out) is dropped, so it joins neither the loss nor its group's
+    statistics (a partial group still trains; a group of one has advantage 0). -> (batch, env/ and reward/ stats)."""
+    from pipeline.rollout.agent import FAILED_STOPS, STOP_REASONS
+
+    scores = rollout.token_rewards.sum(1)                                          # (N,)
+    failed = torch.tensor([s in FAILED_STOPS for s in rollout.stop_reasons])
+    N, counts = len(scores), rollout.episode_counts.float()
+    stats = {"reward/mean": scores.mean().item(), "reward/std": scores.std().item() if N > 1 else 0.0,
+             "reward/failed": int(failed.sum()), "reward/solved_groups": _solved_fraction(scores, rollout.group_ids),
+             "env/turns": counts[:, 0].mean().item(), "env/tool_calls": counts[:, 1].mean().item(),
+             "env/tool_errors": counts[:, 2].mean().item()}
+    stats.update({f"env/stop/{reason}": sum(s == reason for s in rollout.stop_reasons) / N for reason in STOP_REASONS})
+    batch = TrainBatch(rollout=rollout, scores=scores, score_failed=failed)
+    if failed.any():
+        batch = batch.keep_rows(~failed)
+        stats["reward/dropped"] = int(failed.sum())
+    return batch, stats
 
 
 def _solved_fraction(scores: torch.Tensor, group_ids: torch.Tensor) -> float:

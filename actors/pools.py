@@ -143,7 +143,7 @@ def start_actors(cfg: RunConfig) -> ActorPools:
         elif role == "generator":
             generators.append(RolloutWorker.options(**options(i, b, restartable=True)).remote(
                 cfg.model, cfg.rollout, cfg.data.chat_template, len(generators), cfg.train.seed, threads(b["CPU"]),
-                cfg.vllm))
+                cfg.vllm, cfg.env))
         elif role == "scorer":
             scorers.append(RewardScorer.options(**options(i, b, restartable=True)).remote(
                 cfg.reward.functions, cfg.reward.weights, cfg.reward.failed_reward, cfg.reward.models,

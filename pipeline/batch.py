@@ -30,6 +30,17 @@ class Rollout:
     group_ids: torch.Tensor            # (n,) long, index of the prompt in the step (same for its G samples)
     sample_index: torch.Tensor         # (n,) long, global position 0..N-1 in the step (restores order)
     policy_version: int                # learner update count the generator's weights came from
+    # --- episodes of an environment (`pipeline.rollout.agent`); None for single-turn completions
+    loss_mask: Optional[torch.Tensor] = None      # (n, T) bool, True on sampled tokens (0 on observations)
+    token_rewards: Optional[torch.Tensor] = None  # (n, T) float32, each turn's reward on its last sampled token
+    stop_reasons: Optional[list[str]] = None      # (n,) how each episode ended (agent.STOP_REASONS)
+    episode_counts: Optional[torch.Tensor] = None  # (n, 3) long: turns, tool calls, tool errors
+
+    @property
+    def train_mask(self) -> torch.Tensor:
+        """(n, T) bool: the tokens losses, KL and advantages count: the sampled ones. completion_mask stays
+        the attention mask (observations are attended to, not trained on)."""
+        return self.completion_mask if self.loss_mask is None else self.loss_mask
 
 
 @dataclass
@@ -73,6 +84,10 @@ class TrainBatch:
                           score_failed=self.score_failed[rows])
 
 
+PER_TOKEN = {"completion_ids": 0, "completion_mask": False, "logprobs": 0.0, "loss_mask": False,
+             "token_rewards": 0.0}     # right-padded (n, T) fields and their padding
+
+
 def concat_rollouts(parts: list[Rollout], mixed_versions: bool = False) -> Rollout:
     """Join generator shards into one step rollout, ordered by `sample_index`, padding P and T.
 
@@ -98,16 +113,24 @@ def concat_rollouts(parts: list[Rollout], mixed_versions: bool = False) -> Rollo
         pad_block = torch.full((x.shape[0], extra), value, dtype=x.dtype)
         return torch.cat([pad_block, x] if left else [x, pad_block], dim=1)
 
+    def join(name: str):
+        values = [getattr(p, name) for p in parts]
+        if all(v is None for v in values):
+            return None
+        if any(v is None for v in values):
+            raise RuntimeError(f"rollout shards disagree on whether they carry {name}")
+        if isinstance(values[0], list):
+            return [x for v in values for x in v]
+        if values[0].dim() == 2 and name in PER_TOKEN:
+            return torch.cat([pad(v, T, left=False, value=PER_TOKEN[name]) for v in values])
+        return torch.cat(values)
+
     joined = Rollout(
-        prompts=[s for p in parts for s in p.prompts],
-        completions=[s for p in parts for s in p.completions],
+        prompts=join("prompts"), completions=join("completions"),
         prompt_ids=torch.cat([pad(p.prompt_ids, P, left=True) for p in parts]),
         prompt_mask=torch.cat([pad(p.prompt_mask, P, left=True, value=False) for p in parts]),
-        completion_ids=torch.cat([pad(p.completion_ids, T, left=False) for p in parts]),
-        completion_mask=torch.cat([pad(p.completion_mask, T, left=False, value=False) for p in parts]),
-        logprobs=torch.cat([pad(p.logprobs, T, left=False, value=0.0) for p in parts]),
-        group_ids=torch.cat([p.group_ids for p in parts]),
-        sample_index=torch.cat([p.sample_index for p in parts]),
+        **{f.name: join(f.name) for f in fields(Rollout)
+           if f.name not in ("prompts", "completions", "prompt_ids", "prompt_mask", "policy_version")},
         policy_version=min(versions),
     )
     order = torch.argsort(joined.sample_index)

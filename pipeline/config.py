@@ -133,6 +133,30 @@ class RewardConfig:
 
 
 @dataclass
+class EnvConfig:
+    name: Optional[str] = F(None, "Multi-turn environment the generators step each episode through: a registered "
+                            "name (`reward_functions`; `pipeline.envs`) or `module:Class` importable from the working "
+                            "directory, one instance per episode (docs/environments.md). Its per-turn rewards are "
+                            "the episode's score; reward.functions and reward.models are not called. null = "
+                            "single-turn: one completion per prompt, scored by the reward section.")
+    args: dict = F(None, "Keyword arguments of the environment's constructor.", factory=dict)
+    max_turns: int = F(4, "Model turns per episode; an episode still running after them ends with stop_reason "
+                       "max_turns.", lo=1)
+    max_turn_tokens: Optional[int] = F(None, "Sampled tokens per turn; null = rollout.max_new_tokens. A turn cut "
+                                       "by it ends the episode (stop_reason length): no turn runs after truncation.",
+                                       lo=1)
+    max_episode_tokens: int = F(256, "Tokens after the prompt per episode, sampled turns and observations together; "
+                                "the episode ends (stop_reason length) when the next turn would not fit.", lo=1)
+    timeout_s: float = F(30.0, "Seconds each environment call (reset, step) may take; past it the episode becomes "
+                         "a placeholder (stop_reason timeout) left out of the loss, and the others go on.", lo=0.001)
+    truncated_reward: str = F("zero", "What an episode cut by a budget (length, max_turns) is paid: `zero` (SkyRL's "
+                              "zero_reward_on_non_stop: unfinished answers earn nothing), or `keep` (the rewards of "
+                              "the turns it finished).", choices=("zero", "keep"))
+    workers: int = F(16, "Threads per generator running environment calls, so one slow environment never "
+                     "blocks the others.", lo=1)
+
+
+@dataclass
 class AlgorithmConfig:
     name: str = F("grpo", "Advantage estimator, by registry name: gae (PPO with a critic, Schulman 2016), grpo "
                   "(Shao 2024), dr_grpo (Liu 2025), rloo (Ahmadian 2024), reinforce_pp (Hu 2025).")
@@ -293,6 +317,7 @@ class RunConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -481,6 +506,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"lora.dropout: {cfg.lora.dropout} would draw new masks in the pi_old pass and again in the "
                           "update, so their ratio is not 1 at lr 0, and the generators get the dropout-free merge; "
                           "set lora.dropout=0 (RL disables the model's dropout for the same reason)")
+    if cfg.env.name:
+        _check_env_against(cfg)
     check_engine_layout(cfg.learner, cfg.lora, cfg.resources.learners, cfg.model.dtype,
                         {"parallel": "learner.parallel", "cpu_offload": "learner.cpu_offload",
                          "learners": "resources.learners", "dtype": "model.dtype", "lora": "lora."})
@@ -488,6 +515,20 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"learner.minibatch_size: {cfg.learner.minibatch_size} sequences cannot be split over "
                           f"resources.learners={cfg.resources.learners} learners; use at least one per learner")
     return cfg
+
+
+def _check_env_against(cfg: RunConfig) -> None:
+    """Settings an environment's episodes would silently ignore."""
+    if cfg.data.eval_path:
+        raise ConfigError(f"data.eval_path: {cfg.data.eval_path} is evaluated by greedy exact match of one completion, "
+                          "which says nothing of an environment's episodes; set data.eval_path=null with env.name "
+                          "(held-out episodes by reward are not built yet)")
+    if cfg.reward.models or cfg.reward.normalize or cfg.reward.clip is not None:
+        raise ConfigError("reward.models / reward.normalize / reward.clip: with env.name the environment's rewards are "
+                          "the score and the reward section is not used; remove them")
+    if cfg.env.max_episode_tokens < (cfg.env.max_turn_tokens or cfg.rollout.max_new_tokens):
+        raise ConfigError(f"env.max_episode_tokens: {cfg.env.max_episode_tokens} is less than one turn's "
+                          f"{cfg.env.max_turn_tokens or cfg.rollout.max_new_tokens} tokens; raise it")
 
 
 REWARD_MODEL_KEYS = {"path": str, "weight": (int, float), "batch_size": int, "dtype": str, "name": str}

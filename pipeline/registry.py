@@ -6,6 +6,9 @@ config typo gets one clear error instead of a KeyError deep in a run.
 """
 from __future__ import annotations
 
+import importlib
+import os
+import sys
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -49,3 +52,20 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._items))
+
+
+def import_attribute(spec: str, kind: str, error: type[Exception]) -> Any:
+    """The object `package.module:name` names, imported from the working directory (a user's reward function,
+    environment, ...). Any failure raises `error` with one line naming `kind`, the spec and the fix."""
+    module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path:   # a console script's path holds its bin folder, not the working directory
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # an import can fail in many ways; all mean "fix your module"
+        raise error(f"{kind} {spec!r}: cannot import module {module_name!r} ({type(err).__name__}: {err}); make it "
+                    "importable from the working directory or PYTHONPATH") from None
+    obj = getattr(module, attr, None)
+    if not callable(obj):
+        raise error(f"{kind} {spec!r}: module {module_name!r} has no callable {attr!r}")
+    return obj

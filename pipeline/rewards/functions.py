@@ -10,17 +10,15 @@ the batch is retried sample by sample, so one bad sample fails alone: its score 
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 from pipeline.errors import UserInputError
-from pipeline.registry import Registry
+from pipeline.registry import Registry, import_attribute
 
 RewardFn = Callable[..., list]
 REWARD_FUNCTIONS: Registry[RewardFn] = Registry("reward function")
@@ -84,18 +82,7 @@ def resolve_reward_fn(spec: str) -> RewardFn:
     if ":" not in spec:
         raise RewardLoadError(f"reward function {spec!r} is not registered ({', '.join(REWARD_FUNCTIONS.names())})"
                               " and is not of the form module:function")
-    module_name, _, attr = spec.partition(":")
-    if os.getcwd() not in sys.path:   # a console script's path holds its bin folder, not the working directory
-        sys.path.append(os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as err:  # an import can fail in many ways; all mean "fix your module"
-        raise RewardLoadError(f"reward function {spec!r}: cannot import module {module_name!r} "
-                              f"({type(err).__name__}: {err}); make it importable from the working directory "
-                              "or PYTHONPATH") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise RewardLoadError(f"reward function {spec!r}: module {module_name!r} has no callable {attr!r}")
+    fn = import_attribute(spec, "reward function", RewardLoadError)
     params = inspect.signature(fn).parameters
     if len(params) < 2:
         raise RewardLoadError(f"reward function {spec!r} must accept (prompts, completions, **columns)")

@@ -14,11 +14,11 @@ one holding only the special-token ids, and passes every sampling setting explic
 """
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import Optional, Protocol, Sequence
 
 import torch
 
-from pipeline.data.prompt_format import PromptFormat
+from pipeline.data.prompt_format import PromptFormat, pad_left
 from pipeline.registry import Registry
 
 
@@ -36,6 +36,11 @@ class GenerationBackend(Protocol):
         learner computes, also when top_p / top_k truncate what is sampled from (every backend means this;
         one that cannot must refuse the settings), completions (decoded text), prompt_texts (what the model
         was prompted with, after any chat template)."""
+
+    def sample_turns(self, contexts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
+                     top_k: int, seed: int, stop: Sequence[str] = ()) -> list[tuple[list[int], list[float], str]]:
+        """Token-in/token-out, for the agent loop: each context (token ids) continued by sampled ids, cut by
+        `end_turn` at EOS or a stop string -> (ids, log-probs as in `sample`, finish "stop" | "length")."""
 
     def greedy(self, prompts: list, *, max_new_tokens: int) -> list[str]:
         """Greedy completions as text (evaluation)."""
@@ -104,6 +109,79 @@ class SampledTokenLogprobs:
         return torch.stack(self.steps[:generated], dim=1)
 
 
+class StopOnStrings:
+    """A stopping criterion ending each row once its generated text ends in one of `stop`. transformers' own
+    StopStringCriteria maps the vocabulary through a probe string the tokenizer must be able to encode, which
+    a character tokenizer without letters cannot; this decodes the tail of each row instead."""
+
+    def __init__(self, tokenizer, stop: Sequence[str], prompt_len: int):
+        self.tokenizer, self.stop, self.prompt_len = tokenizer, list(stop), prompt_len
+        self.tail = max(len(s) for s in self.stop) + 8      # tokens enough to spell the longest stop string
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        new = input_ids[:, self.prompt_len:][:, -self.tail:]
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return torch.tensor([any(t.endswith(s) for s in self.stop) for t in texts], device=input_ids.device)
+
+
+def _generate(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
+              do_sample: bool, sampling: dict, seed: Optional[int], stop: Sequence[str] = ()):
+    """One `generate` call on left-padded prompts (n, P) -> (sequences (n, P+T'), the log-prob recorder or None).
+    `stop`: strings that end a row's generation early (transformers' StopStringCriteria)."""
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    device = prompt_ids.device
+    eos_ids = eos_token_ids(getattr(model, "generation_config", None), tokenizer)
+    recorder = SampledTokenLogprobs(sampling["temperature"]) if do_sample else None
+    extra = dict(stopping_criteria=StoppingCriteriaList([StopOnStrings(tokenizer, stop, prompt_ids.shape[1])])) \
+        if stop else {}
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if seed is not None:
+            torch.manual_seed(seed)
+        sequences = model.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask.long(), max_new_tokens=max_new_tokens,
+            do_sample=do_sample, use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids,
+            logits_processor=LogitsProcessorList([recorder] if recorder else []),
+            **(sampling if do_sample else {}), **extra)
+    model.train(was_training)
+    return sequences, recorder
+
+
+def end_turn(ids: list[int], logprobs: list[float], eos_ids: Sequence[int], stop: Sequence[str], decode,
+             max_new_tokens: int) -> tuple[list[int], list[float], str]:
+    """A sampled turn cut where it ends: after the first EOS ("stop"), else after the first token whose text
+    completes a stop string ("stop"), else as sampled ("length" when it used its max_new_tokens, "stop"
+    otherwise). Tokens after the end were sampled past it (a batch's other rows kept going) and are dropped;
+    those kept are exactly the sampled ones with their own log-probs. decode: ids -> text."""
+    for k, tok in enumerate(ids):
+        if tok in eos_ids:
+            return ids[:k + 1], logprobs[:k + 1], "stop"
+    if stop and any(s in decode(ids) for s in stop):
+        for k in range(1, len(ids) + 1):
+            if any(s in decode(ids[:k]) for s in stop):
+                return ids[:k], logprobs[:k], "stop"
+    return ids, logprobs, "length" if len(ids) >= max_new_tokens else "stop"
+
+
+@torch.no_grad()
+def sample_turns(model, tokenizer, contexts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
+                 top_k: int, seed: Optional[int], stop: Sequence[str] = ()) -> list[tuple[list[int], list[float], str]]:
+    """Token-in/token-out sampling (the agent loop's turn): each context is a list of token ids, continued by
+    up to max_new_tokens sampled tokens, cut by `end_turn`. -> (ids, log-probs, finish) per context."""
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = (t.to(device) for t in pad_left(contexts, tokenizer.pad_token_id))
+    sequences, recorder = _generate(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens, True,
+                                    dict(temperature=temperature, top_p=top_p, top_k=top_k), seed, stop)
+    generated = sequences.shape[1] - prompt_ids.shape[1]
+    logprobs = recorder.finish(sequences, generated)
+    eos_ids = eos_token_ids(getattr(model, "generation_config", None), tokenizer)
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return [end_turn(sequences[i, prompt_ids.shape[1]:].tolist(), logprobs[i].tolist(), eos_ids, stop, decode,
+                     max_new_tokens) for i in range(len(contexts))]
+
+
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float = 1.0,
                        top_p: float = 1.0, top_k: int = 0, do_sample: bool = True,
@@ -117,25 +195,13 @@ def sample_completions(model, tokenizer, prompts: list, max_new_tokens: int, tem
     top_k > 0 the sampler truncated that distribution: these are the untruncated policy's log-probs; zeros
     for greedy); completions: decoded text; prompt_texts: the prompts after any chat template.
     """
-    from transformers import LogitsProcessorList
-
     device = next(model.parameters()).device
     prompt_format = prompt_format or PromptFormat(tokenizer)
     prompt_ids, prompt_mask, prompt_texts = prompt_format.encode(prompts)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     eos_ids = eos_token_ids(getattr(model, "generation_config", None), tokenizer)
-    recorder = SampledTokenLogprobs(temperature) if do_sample else None
-    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}
-    was_training = model.training
-    model.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        if generator_seed is not None:
-            torch.manual_seed(generator_seed)
-        sequences = model.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask.long(), max_new_tokens=max_new_tokens,
-            do_sample=do_sample, use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids,
-            logits_processor=LogitsProcessorList([recorder] if recorder else []), **sampling)
-    model.train(was_training)
+    sequences, recorder = _generate(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens, do_sample,
+                                    dict(temperature=temperature, top_p=top_p, top_k=top_k), generator_seed)
     completion_ids = sequences[:, prompt_ids.shape[1]:]                          # (n, T)
     # Mask: tokens up to and including the first EOS. `before_eos` counts EOS tokens strictly before t.
     is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=device))
@@ -182,6 +248,9 @@ class HFGenerateBackend:
         return sample_completions(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
                                   temperature=temperature, top_p=top_p, top_k=top_k, do_sample=True,
                                   generator_seed=seed, prompt_format=self.prompt_format)
+
+    def sample_turns(self, contexts, *, max_new_tokens, temperature, top_p, top_k, seed, stop=()):
+        return sample_turns(self.model, self.tokenizer, contexts, max_new_tokens, temperature, top_p, top_k, seed, stop)
 
     def greedy(self, prompts, *, max_new_tokens, batch_size: int = 250):
         out = []

@@ -3,11 +3,13 @@ policy through a generation backend, evaluates greedy exact match, and takes new
 version and checksum. Runs, and is tested, without Ray."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from pipeline.batch import Rollout
 from pipeline.collective import GroupMember, receive_weights
-from pipeline.config import ModelConfig, RolloutConfig, VLLMConfig
+from pipeline.config import EnvConfig, ModelConfig, RolloutConfig, VLLMConfig
 from pipeline.rollout.generation import GENERATION_BACKENDS
 from pipeline.data.prompt_format import PromptFormat
 from pipeline.rewards.functions import exact_match
@@ -19,7 +21,8 @@ class RolloutGenerator(GroupMember):
     """Samples completions from the current policy through a generation backend."""
 
     def __init__(self, model_cfg: ModelConfig, rollout_cfg: RolloutConfig, chat_template: bool = False,
-                 worker_index: int = 0, seed: int = 0, threads: int = 1, engine_cfg: VLLMConfig | None = None):
+                 worker_index: int = 0, seed: int = 0, threads: int = 1, engine_cfg: VLLMConfig | None = None,
+                 env_cfg: EnvConfig | None = None):
         from pipeline.models import load_tokenizer
 
         setup_torch(threads, seed)
@@ -27,7 +30,13 @@ class RolloutGenerator(GroupMember):
         self.worker_index = worker_index
         self.seed = seed
         self.device = resolve_device(model_cfg.device)
-        prompt_format = PromptFormat(load_tokenizer(model_cfg.path), chat_template)
+        prompt_format = self.prompt_format = PromptFormat(load_tokenizer(model_cfg.path), chat_template)
+        self.env_cfg = env_cfg or EnvConfig()
+        self.env_factory = None
+        if self.env_cfg.name:
+            from pipeline.envs import resolve_environment
+
+            self.env_factory = functools.partial(resolve_environment(self.env_cfg.name), **self.env_cfg.args)
         self.backend = GENERATION_BACKENDS.get(rollout_cfg.backend).load(
             model_cfg, prompt_format, self.device, seed=derive_seed(seed, worker_index),
             engine_cfg=engine_cfg or VLLMConfig(),
@@ -48,6 +57,18 @@ class RolloutGenerator(GroupMember):
             sample_index=torch.as_tensor(sample_index, dtype=torch.long),
             policy_version=self.version,
         )
+
+    def generate_episodes(self, rows: list[dict], group_ids: list[int], sample_index: list[int], step: int) -> Rollout:
+        """rows: (n,) dataset rows, each already repeated G times: one episode of the environment each, run by the
+        agent loop (`pipeline.rollout.agent`)."""
+        from pipeline.rollout.agent import episodes_to_rollout, run_episodes
+
+        if self.env_factory is None:
+            raise RuntimeError("generate_episodes needs env.name: this generator was started without an environment")
+        episodes = run_episodes(self.backend, self.prompt_format, self.env_factory, rows, self.env_cfg, self.cfg,
+                                derive_seed(self.seed, step, self.worker_index))
+        tokenizer = self.prompt_format.tokenizer
+        return episodes_to_rollout(episodes, group_ids, sample_index, self.version, tokenizer.pad_token_id, tokenizer)
 
     def count_correct(self, prompts: list, answers: list[str], max_new_tokens: int) -> int:
         """Greedy exact-match hits on an eval shard (summed over generators by the driver)."""

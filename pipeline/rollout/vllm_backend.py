@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 
 from pipeline.errors import UserInputError
-from pipeline.rollout.generation import GENERATION_BACKENDS, decode_completions, eos_token_ids
+from pipeline.rollout.generation import GENERATION_BACKENDS, decode_completions, end_turn, eos_token_ids
 from pipeline.data.prompt_format import PromptFormat, max_positions, pad_left
 
 ENGINE_ENV = {
@@ -167,9 +167,9 @@ class VLLMBackend:
         prompt_ids, prompt_mask = pad_left(ids, self.tokenizer.pad_token_id)
         return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "prompt_texts": texts}, outputs
 
-    def _params(self, max_new_tokens: int, **sampling):
-        return self.SamplingParams(n=1, max_tokens=max_new_tokens, stop_token_ids=self.eos_ids, detokenize=False,
-                              skip_special_tokens=True, **sampling)
+    def _params(self, max_new_tokens: int, detokenize: bool = False, **sampling):
+        return self.SamplingParams(n=1, max_tokens=max_new_tokens, stop_token_ids=self.eos_ids, detokenize=detokenize,
+                                   skip_special_tokens=True, **sampling)
 
     def sample(self, prompts, *, max_new_tokens, temperature, top_p, top_k, seed):
         if logprobs_mode_for(temperature, top_p, top_k) != self.logprobs_mode:
@@ -191,6 +191,26 @@ class VLLMBackend:
         out.update(completion_ids=completion_ids, completion_mask=completion_mask, logprobs=logprobs,
                    completions=decode_completions(self.tokenizer, completion_ids))
         return out
+
+    def sample_turns(self, contexts, *, max_new_tokens, temperature, top_p, top_k, seed, stop=()):
+        """Token-in/token-out: the contexts' ids go to the engine as they are; vLLM's own stop-string check
+        needs detokenised text, so the turn is cut by `end_turn` on the sampled ids as the hf backend does."""
+        strings = dict(stop=list(stop), include_stop_str_in_output=True, detokenize=True) if stop else {}
+        params = self._params(max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k or -1, logprobs=0,
+                              **strings)
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            outputs = self.llm.generate([self.TokensPrompt(prompt_token_ids=list(c)) for c in contexts], params,
+                                        use_tqdm=False)
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        turns = []
+        for o in outputs:
+            c = o.outputs[0]
+            ids = list(c.token_ids)
+            logprobs = [step[tok].logprob for tok, step in zip(ids, c.logprobs)]
+            turns.append(end_turn(ids, logprobs, self.eos_ids, stop, decode, max_new_tokens))
+        return turns
 
     def greedy(self, prompts, *, max_new_tokens):
         _, outputs = self._run(list(prompts), self._params(max_new_tokens, temperature=0.0), None)

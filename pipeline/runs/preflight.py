@@ -2,7 +2,7 @@
 
 Each failure is one `UserInputError` subclass naming the thing (field, file, row, column, module) and the
 fix: `ModelLoadError` (model or critic path), `LoraTargetError` (a lora.target_modules name the model lacks),
-`DataError` (prompt files; every prompt empty), `RewardLoadError` (reward functions), `PromptError` (a prompt
+`DataError` (prompt files; every prompt empty), `RewardLoadError` (reward functions), `EnvironmentLoadError` (env.name), `PromptError` (a prompt
 the tokenizer cannot render, or one that does not fit the model), `VLLMMissing` (rollout.backend=vllm without
 vLLM). Settings that run but not as the user may think are one printed warning line.
 """
@@ -46,7 +46,9 @@ def check_prompt_lengths(cfg: RunConfig, train, evaluation, log=print):
                 f"{len(train_lengths)} training prompts")
             train = train.take(keep)
             train_lengths = [train_lengths[i] for i in keep]
-    checks = [("data.train_path", d.train_path, train_lengths, r.max_new_tokens, "rollout.max_new_tokens")]
+    budget = (cfg.env.max_episode_tokens, "env.max_episode_tokens") if cfg.env.name else \
+        (r.max_new_tokens, "rollout.max_new_tokens")     # an episode's turns and observations follow its prompt
+    checks = [("data.train_path", d.train_path, train_lengths, *budget)]
     if evaluation is not None:
         eval_lengths = prompt_format.lengths(evaluation.column(d.prompt_column).to_pylist())
         checks.append(("data.eval_path", d.eval_path, eval_lengths, r.eval_max_new_tokens or r.max_new_tokens,
@@ -94,6 +96,11 @@ def preflight(cfg: RunConfig, log=print, *, local_actors: bool = True):
         for i, m in enumerate(cfg.reward.models):      # the scorers load them; here only their configs
             check_reward_model(m["path"], f"reward.models[{i}].path")
     columns = required_columns(composer.fns)
+    if cfg.env.name:                  # the environment scores its episodes; the reward functions are not called
+        from pipeline.envs import resolve_environment
+
+        resolve_environment(cfg.env.name)
+        columns = set()
     d = cfg.data
     train = read_prompt_table(d.train_path, (d.prompt_column, *sorted(columns)))
     train = drop_empty_prompts(train, d.prompt_column, "data.train_path", d.train_path, log)

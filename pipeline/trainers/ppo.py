@@ -169,7 +169,7 @@ class PolicyLearner(GroupMember):
                                f"than rollout.max_staleness={bound} versions apart means weights were not synced")
         lr = lc.lr * lr_factor(self.version, lc.warmup_steps)
         self.policy.set_lr(lr)
-        n, mask = batch.num_sequences, r.completion_mask
+        n, mask = batch.num_sequences, r.train_mask
         if batch.pi_old == "update" and not old_logprobs_from_update(self.cfg, n):
             raise RuntimeError(f"pi_old from the update's own forward needs one optimizer step over the batch; "
                                f"learner.epochs={lc.epochs}, minibatch_size={lc.minibatch_size}, {n} rows")
@@ -211,12 +211,12 @@ class PolicyLearner(GroupMember):
         """One optimizer step (per engine) on this rank's share of the minibatch `full` (row indices).
         Figures come weighted by this rank's share of the minibatch."""
         r, agg = batch.rollout, self.cfg.algorithm.loss_agg
-        rows, full_mask = full.tensor_split(self.world_size)[self.rank], r.completion_mask[full]
+        rows, full_mask = full.tensor_split(self.world_size)[self.rank], r.train_mask[full]
         length, most = r.prompt_ids.shape[1] + r.completion_ids.shape[1], -(-len(full) // self.world_size)
-        share = shard_weight(r.completion_mask[rows], full_mask, agg) if len(rows) else 0.0
+        share = shard_weight(r.train_mask[rows], full_mask, agg) if len(rows) else 0.0
 
         def weight(part):               # the micro-batch's share of the whole minibatch's loss
-            return shard_weight(r.completion_mask[part], full_mask, agg)
+            return shard_weight(r.train_mask[part], full_mask, agg)
 
         # A sharded rank's padding pass runs on any row (full[:1]) with weight 0; an empty rank still steps.
         stats, step = self.policy.train_step(rows, length, lambda part: self._policy_loss(batch, part), weight,
@@ -233,7 +233,7 @@ class PolicyLearner(GroupMember):
         backward) and its figures. The entropy term enters the graph only with a coefficient: 0 * NaN would
         still be NaN, and its (n, T, V) softmax would be kept for the backward pass for nothing."""
         a, d, r = self.cfg.algorithm, self.device, batch.rollout
-        mask, sampler = r.completion_mask[rows].to(d), r.logprobs[rows].to(d)
+        mask, sampler = r.train_mask[rows].to(d), r.logprobs[rows].to(d)
         out = self._forward(r, rows, want_entropy=True, entropy_grad=a.entropy_coef > 0,
                             want_hidden=self.value_head is not None)
         logprobs = out["logprobs"]
@@ -271,7 +271,7 @@ class PolicyLearner(GroupMember):
     def _value_loss(self, batch: TrainBatch, rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """The separate critic's clipped value loss on `rows`, and its figures."""
         a, d, r = self.cfg.algorithm, self.device, batch.rollout
-        mask = r.completion_mask[rows].to(d)
+        mask = r.train_mask[rows].to(d)
         v = self._critic_values(r, rows).float()
         v_loss, vs = clipped_value_loss(v, batch.values[rows].to(d), batch.returns[rows].to(d), mask,
                                         a.value_clip, agg=a.loss_agg, norm=self.norm)

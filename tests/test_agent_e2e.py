@@ -1,0 +1,59 @@
+"""A user's environment as `module:Class` in the working directory, trained through `rlpipe train` alone."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.ray
+
+USER_ENV = '''
+class Sevens:
+    """Two turns: each pays 1 when the turn holds a 7; the model sees how many 7s it wrote so far."""
+
+    stop = ["="]
+
+    def reset(self, row, seed):
+        self.sevens = 0
+        return row["prompt"]
+
+    def step(self, action):
+        self.sevens += action.count("7")
+        done = getattr(self, "turns", 0) == 1
+        self.turns = getattr(self, "turns", 0) + 1
+        return (f" {self.sevens} ", float("7" in action), done, False, {"tool_calls": 1})
+'''
+
+
+def test_a_user_environment_from_the_working_directory_trains_through_the_cli(tiny_task, tmp_path):
+    (tmp_path / "my_env.py").write_text(USER_ENV)
+    out = tmp_path / "run"
+    rlpipe = str(Path(sys.executable).with_name("rlpipe"))
+    args = [f"model.path={tiny_task['model']}", f"data.train_path={tiny_task['data']['train']}",
+            "data.eval_path=null", f"train.output_dir={out}", "train.steps=3", "checkpoint.every=0",
+            "rollout.prompts_per_step=4", "rollout.samples_per_prompt=4", "rollout.max_new_tokens=8",
+            "env.name=my_env:Sevens", "env.max_turns=3", "env.max_episode_tokens=40", "env.truncated_reward=keep",
+            "resources.num_cpus=2", "resources.cpus_per_rollout_worker=0.5", "resources.cpus_per_learner=0.5",
+            "resources.torch_threads=1", "learner.lr=1e-2"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}     # a user's shell: nothing but the cwd
+    done = subprocess.run([rlpipe, "train", "--config", "grpo", *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("rlpipe").experiment_id])
+    metrics = run.data.metrics
+    assert 1.0 <= metrics["env/turns"] <= 3.0 and metrics["env/tool_calls"] > 0
+    shares = [v for k, v in metrics.items() if k.startswith("env/stop/")]
+    assert len(shares) == 6 and abs(sum(shares) - 1.0) < 1e-6
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "policy/loss")) == [1, 2, 3]
+    before = load_file(os.path.join(tiny_task["model"], "model.safetensors"))
+    after = load_file(os.path.join(out, "final_model", "model.safetensors")) \
+        if (out / "final_model").exists() else None
+    assert after is not None, sorted(os.listdir(out))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
