@@ -265,3 +265,84 @@ def test_settings_an_environment_would_ignore_are_refused():
         load_config(None, ["env.name=reward_functions", "data.eval_path=null", "reward.normalize=true"])
     with pytest.raises(ConfigError, match="env.max_episode_tokens"):
         load_config(None, ["env.name=reward_functions", "data.eval_path=null", "env.max_episode_tokens=4"])
+
+
+@pytest.fixture(scope="module")
+def chat_policy(tmp_path_factory):
+    """A generator rendering prompts with a ChatML template (<|im_end|> then "\\n" between turns), BPE tokens."""
+    from pipeline.rollout.generator import RolloutGenerator
+    from pipeline.small_models import build_bpe_model
+
+    path = build_bpe_model(str(tmp_path_factory.mktemp("chat") / "llama"), arch="llama", hidden_size=64,
+                           num_layers=2, num_heads=4, max_positions=256, seed=0)
+    return RolloutGenerator(ModelConfig(path=path, device="cpu"), RolloutConfig(max_new_tokens=8), chat_template=True)
+
+
+class ChatEnv:
+    stop = [" the", "."]
+
+    def reset(self, row, seed):
+        return [{"role": "system", "content": "Answer."}, {"role": "user", "content": row["prompt"]}]
+
+    def step(self, action):
+        return StepResult([{"role": "tool", "content": "42"}], reward=1.0)
+
+
+def test_chat_observations_are_the_new_turn_only_and_the_ids_are_the_whole_conversation(chat_policy):
+    from pipeline.models import completion_forward
+
+    tok = chat_policy.prompt_format.tokenizer
+    im_end, newline = tok.convert_tokens_to_ids("<|im_end|>"), tok("\n", add_special_tokens=False)["input_ids"]
+    env_cfg = EnvConfig(max_turns=3, max_turn_tokens=8, max_episode_tokens=120, truncated_reward="keep")
+    rows = [{"prompt": f"what is {i} and {i}", "id": i} for i in range(8)]
+    episodes = run_episodes(chat_policy.backend, chat_policy.prompt_format, ChatEnv, rows, env_cfg, chat_policy.cfg, 0)
+    observed = 0
+    for e in episodes:
+        turns = spans(e.loss_mask)
+        for (_, b), (c, _) in zip(turns, turns[1:]):
+            gap = e.ids[b:c]
+            observed += 1
+            # the end of turn the model sampled (then the template's "\n"), or one inserted after a stop string
+            ended = e.ids[b - 1] == im_end
+            assert gap[:len(newline)] == newline if ended else gap[:1 + len(newline)] == [im_end] + newline
+            assert tok.decode(gap).endswith("<|im_start|>tool\n42<|im_end|>\n<|im_start|>assistant\n")
+        if len(turns) > 1:   # up to its last turn, the ids are the template's render of the whole conversation
+            assert tok.decode(e.prompt_ids + e.ids[:turns[-1][0]], skip_special_tokens=False,
+                              clean_up_tokenization_spaces=False) == \
+                tok.apply_chat_template(e.messages, tokenize=False, add_generation_prompt=True)
+    assert observed > 0
+    r = episodes_to_rollout(episodes, list(range(8)), list(range(8)), 0, tok.pad_token_id, tok)
+    out = completion_forward(chat_policy.backend.model, r.prompt_ids, r.prompt_mask, r.completion_ids,
+                             r.completion_mask, temperature=1.0)
+    torch.testing.assert_close(out["logprobs"][r.loss_mask], r.logprobs[r.loss_mask], atol=1e-4, rtol=0)
+
+
+def test_a_template_that_is_not_the_sum_of_its_turns_stops_the_run(chat_policy):
+    from pipeline.rollout.chat_bridge import BridgeError
+
+    tok = chat_policy.prompt_format.tokenizer
+    original = tok.chat_template
+    # Like Qwen3's dropping of earlier <think> blocks: an assistant turn's text is rendered only while it is last.
+    tok.chat_template = original.replace(
+        "{{ m['content'] }}", "{% if m['role'] == 'assistant' and not loop.last %}...{% else %}{{ m['content'] }}{% endif %}")
+    try:
+        env_cfg = EnvConfig(max_turns=3, max_turn_tokens=24, max_episode_tokens=120)
+        rows = [{"prompt": f"what is {i}", "id": i} for i in range(8)]
+        with pytest.raises(BridgeError, match="not prefix-preserving"):
+            run_episodes(chat_policy.backend, chat_policy.prompt_format, ChatEnv, rows, env_cfg, chat_policy.cfg, 0)
+    finally:
+        tok.chat_template = original
+
+
+def test_the_strict_check_names_where_tokens_and_the_full_render_part(chat_policy):
+    from pipeline.rollout.chat_bridge import BridgeError, ChatBridge
+
+    tok = chat_policy.prompt_format.tokenizer
+    bridge = ChatBridge(tok, tok.convert_tokens_to_ids("<|im_end|>"))
+    messages = [{"role": "user", "content": "what is 2"}, {"role": "assistant", "content": " four"},
+                {"role": "tool", "content": "42"}]
+    ids = bridge.encode(bridge.render(messages))
+    bridge.check(ids, messages)                                   # the same conversation: no error
+    trimmed = [*messages[:1], {"role": "assistant", "content": "four"}, messages[2]]
+    with pytest.raises(BridgeError, match="differ at character"):
+        bridge.check(ids, trimmed)

@@ -10,9 +10,11 @@ What is trained on is exactly what was sampled:
     logprobs        the sampler's    0                the sampler's
     token_rewards   turn 1's reward on its last sampled token, turn 2's on its own, ...
 
-Observations are text rendered as the new turn only: its tokens, without special tokens, appended to the ids
-(the text protocol of `pipeline.envs.tools`; no chat-template bridge yet, so an observation given as chat
-messages is refused).
+Observations are rendered as the new turn only and appended to the ids. Without a chat template an observation is
+text, tokenised alone without special tokens (the text protocol of `pipeline.envs.tools`). An episode whose first
+observation is a conversation (or text, with data.chat_template) is a chat: its observations are messages (a
+text one is a user message) rendered by `ChatBridge`, which also checks, strictly, that the ids decode to the
+template's render of the whole conversation.
 
 Budgets end an episode at the turn that hits them and no turn runs after it: a turn cut by `max_turn_tokens`
 or the episode budget ends it with stop_reason `length` without calling its environment; `max_turns` turns
@@ -34,8 +36,9 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from pipeline.batch import Rollout
-from pipeline.data.prompt_format import pad_left
+from pipeline.data.prompt_format import is_conversation, pad_left
 from pipeline.envs.base import as_step_result
+from pipeline.rollout.chat_bridge import BridgeError, ChatBridge
 from pipeline.errors import UserInputError
 from pipeline.torch_env import derive_seed
 
@@ -60,7 +63,9 @@ class Episode:
     logprobs: list[float] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)     # per token: a turn's reward on its last sampled token
     turns: int = 0
+    turn_start: int = 0                                     # where the last sampled turn begins in `ids`
     last_action: str = ""
+    messages: list | None = None                            # the conversation so far, for a chat episode
     stop_reason: Optional[str] = None                      # None while the episode runs
     error: str = ""
     counts: dict = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
@@ -134,6 +139,7 @@ def run_episodes(backend, prompt_format, factory: Callable, rows: list[dict], en
     turn_tokens = env_cfg.max_turn_tokens or rollout_cfg.max_new_tokens
     calls = EnvCalls(env_cfg.workers, env_cfg.timeout_s)
     episodes = [Episode(row=row) for row in rows]
+    bridge = None
     try:
         for e, i, (ok, value) in zip(episodes, range(len(rows)),
                                      calls.run([(_start, (factory, row, derive_seed(seed, i))) for i, row in enumerate(rows)])):
@@ -141,6 +147,10 @@ def run_episodes(backend, prompt_format, factory: Callable, rows: list[dict], en
                 e.fail("timeout" if isinstance(value, EnvCallTimeout) else "env_error", value)
                 continue
             e.env, observation = value
+            if is_conversation(observation) or (prompt_format.chat_template and isinstance(observation, str)):
+                e.messages = list(observation) if is_conversation(observation) else \
+                    [{"role": "user", "content": observation}]
+                bridge = bridge or ChatBridge(tokenizer, _end_of_turn(prompt_format))
             try:
                 ids, texts = prompt_format.token_ids([observation])
             except UserInputError as err:          # the environment's first observation cannot be rendered
@@ -161,6 +171,7 @@ def run_episodes(backend, prompt_format, factory: Callable, rows: list[dict], en
             for e, (ids, logprobs, finish), limit in zip(active, sampled, limits):
                 if len(ids) > limit or (len(ids) == limit and finish == "length"):
                     ids, logprobs, finish = ids[:limit], logprobs[:limit], "length"
+                e.turn_start = len(e.ids)
                 e.add(ids, logprobs, sampled=True)
                 e.turns += 1
                 e.last_action = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -169,7 +180,7 @@ def run_episodes(backend, prompt_format, factory: Callable, rows: list[dict], en
                 else:
                     stepping.append(e)
             for e, (ok, value) in zip(stepping, calls.run([(e.env.step, (e.last_action,)) for e in stepping])):
-                _apply_step(e, ok, value, tokenizer, env_cfg)
+                _apply_step(e, ok, value, tokenizer, env_cfg, bridge)
         for e in episodes:
             if e.running:
                 e.stop_reason = "max_turns"
@@ -181,7 +192,32 @@ def run_episodes(backend, prompt_format, factory: Callable, rows: list[dict], en
     return episodes
 
 
-def _apply_step(e: Episode, ok: bool, value: Any, tokenizer, env_cfg) -> None:
+def _end_of_turn(prompt_format) -> int:
+    end = prompt_format.end_of_turn_id()
+    if end is None:
+        raise BridgeError("the chat template closes an assistant turn with no special token, so a multi-turn "
+                          "episode cannot tell where a turn ends; use a template with an end-of-turn token")
+    return end
+
+
+def _observation_ids(e: Episode, observation, tokenizer, bridge) -> list[int]:
+    """The tokens of an observation as the next turn: text alone, or in a chat the bridge's render of the new
+    messages, after the end-of-turn token the template writes (inserted, unsampled, when the model's turn ended
+    at a stop string instead)."""
+    if e.messages is None:
+        if not isinstance(observation, str):
+            raise TypeError("an observation given as chat messages needs a chat episode: a first observation "
+                            "that is a conversation, or data.chat_template=true")
+        return tokenizer(observation, add_special_tokens=False)["input_ids"] if observation else []
+    turn = e.ids[e.turn_start:]
+    inserted = [] if turn and turn[-1] == bridge.end_of_turn_id else [bridge.end_of_turn_id]
+    reply = bridge.decode(turn[:-1] if not inserted else turn)
+    new = list(observation) if is_conversation(observation) else [{"role": "user", "content": str(observation)}]
+    e.messages += [{"role": "assistant", "content": reply}, *new]
+    return inserted + bridge.observation_ids(new)
+
+
+def _apply_step(e: Episode, ok: bool, value: Any, tokenizer, env_cfg, bridge=None) -> None:
     """One environment step's result into its episode: the turn's reward, counters, the end or the next
     observation's tokens."""
     if ok:
@@ -202,15 +238,17 @@ def _apply_step(e: Episode, ok: bool, value: Any, tokenizer, env_cfg) -> None:
     elif e.turns >= env_cfg.max_turns:
         e.stop_reason = "max_turns"
     else:
-        if not isinstance(value.observation, str):
-            e.fail("env_error", TypeError("an observation given as chat messages needs a chat-template bridge, "
-                                          "which rlpipe does not have yet; return the observation as text"))
+        try:
+            obs = _observation_ids(e, value.observation, tokenizer, bridge)
+        except TypeError as err:
+            e.fail("env_error", err)
             return
-        obs = tokenizer(value.observation, add_special_tokens=False)["input_ids"] if value.observation else []
         if len(e.ids) + len(obs) >= env_cfg.max_episode_tokens:    # no room left for another sampled token
             e.stop_reason = "length"
-        else:
-            e.add(obs, [], sampled=False)
+            return
+        e.add(obs, [], sampled=False)
+        if e.messages is not None:
+            bridge.check(e.prompt_ids + e.ids, e.messages)      # strict: a mismatch stops the run (BridgeError)
 
 
 def episodes_to_rollout(episodes: list[Episode], group_ids: list[int], sample_index: list[int], version: int,
