@@ -48,6 +48,8 @@ class Trainer:
         self.sampler = PromptSampler(train_table, cfg.rollout.prompts_per_step, cfg.data.seed)
         self.extra_columns = [c for c in train_table.column_names if c != cfg.data.prompt_column]
         self.eval_rows = self._eval_rows(eval_table)
+        self.eval_key = "eval/success" if cfg.env.name else "eval/accuracy"     # evaluate()'s headline figure
+        self.eval_metrics: dict[str, float] = {}                                 # the last evaluation's others
         self.learners = LearnerGroup(pools.learners, learners_sharded(cfg))
         self.weights = WeightSync(cfg, self.learners, pools.generators, self._gather)
         self.learner_reference = learner_reference(cfg)     # LoRA: log pi_ref from the base, adapters off
@@ -64,6 +66,8 @@ class Trainer:
     def _eval_rows(self, table):
         if table is None:
             return None
+        if self.cfg.env.name:                  # episodes: whole rows, as the environment's reset takes them
+            return table.to_pylist()
         return table.column(self.cfg.data.prompt_column).to_pylist(), [str(a) for a in table.column("answer").to_pylist()]
 
     @property
@@ -229,15 +233,30 @@ class Trainer:
             gamma=a.gamma, lam=a.lam, scale_by_std=a.scale_by_std, token_penalty=penalty))
 
     def evaluate(self) -> float | None:
-        """Greedy exact match on the held-out prompts, sharded over the generators."""
+        """Greedy exact match on the held-out prompts, sharded over the generators; with an environment, the
+        held-out episodes' success rate (`evaluate_episodes`)."""
         if self.eval_rows is None:
             return None
+        if self.cfg.env.name:
+            return self.evaluate_episodes()
         prompts, answers = self.eval_rows
         max_new = self.cfg.rollout.eval_max_new_tokens or self.cfg.rollout.max_new_tokens
         gens = self.pools.generators
         calls = [ShardCall(g, "count_correct", (prompts[s.start:s.stop], answers[s.start:s.stop], max_new))
                  for g, s in zip(gens, split_indices(len(prompts), len(gens)))]
         return sum(self._gather(calls, self.weights.restore_generator)) / len(prompts)
+
+    def evaluate_episodes(self) -> float:
+        """env.eval_samples episodes of each held-out row, rows sharded over the generators -> eval/success; the
+        mean reward, pass@k, turns and stop reasons go to `eval_metrics`."""
+        from pipeline.rollout.agent import episode_eval_metrics
+
+        rows, gens, env = self.eval_rows, self.pools.generators, self.cfg.env
+        calls = [ShardCall(g, "evaluate_episodes", (rows[s.start:s.stop], env.eval_samples, self.step_count))
+                 for g, s in zip(gens, split_indices(len(rows), len(gens))) if s]
+        per_row = [row for shard in self._gather(calls, self.weights.restore_generator) for row in shard]
+        self.eval_metrics = episode_eval_metrics(per_row, env.success_reward)
+        return self.eval_metrics.pop("eval/success")
 
     def _gather(self, calls: list[ShardCall], restore=None) -> list:
         """All results in order; shards of actors that died mid-call are resent to the restarted actor."""

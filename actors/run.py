@@ -152,15 +152,19 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
             ray.shutdown()
 
 
+EVAL_NAMES = {"eval/accuracy": "exact match", "eval/success": "episode success"}
+
+
 def _loop(cfg: RunConfig, trainer, tracker, run_dir: str, on_step, log) -> dict:
     from pipeline.plots import plot_training_curves
 
     t, budget = cfg.train, cfg.train.time_budget_s
+    key, name = trainer.eval_key, EVAL_NAMES[trainer.eval_key]
     if trainer.step_count == 0:
         acc = trainer.evaluate()
         if acc is not None:
-            tracker.log_metrics(0, {"eval/accuracy": acc})
-            log(f"step 0: held-out exact match {acc:.1%} before RL")
+            tracker.log_metrics(0, {key: acc, **trainer.eval_metrics})
+            log(f"step 0: held-out {name} {acc:.1%} before RL")
     last_saved, last_eval_s = trainer.step_count, trainer.elapsed_s
     while trainer.step_count < t.steps and (budget is None or trainer.elapsed_s < budget):
         start = time.perf_counter()
@@ -171,7 +175,8 @@ def _loop(cfg: RunConfig, trainer, tracker, run_dir: str, on_step, log) -> dict:
         timed_eval = t.eval_every_s is not None and now_s - last_eval_s >= t.eval_every_s
         if trainer.eval_rows is not None and (step % t.eval_every == 0 or step == t.steps or out_of_time
                                               or timed_eval):
-            metrics["eval/accuracy"] = trainer.evaluate()
+            metrics[key] = trainer.evaluate()
+            metrics.update(trainer.eval_metrics)
             last_eval_s = now_s
         trainer.elapsed_s += time.perf_counter() - start
         metrics["time/elapsed_s"] = trainer.elapsed_s
@@ -191,7 +196,7 @@ def _loop(cfg: RunConfig, trainer, tracker, run_dir: str, on_step, log) -> dict:
 
     write_folder(trainer.learners.hf_files(), final_dir)   # the learner may be on another node
     tracker.log_artifact(final_dir, "final_model")
-    history = tracker.history.get("eval/accuracy", [])
+    history = tracker.history.get(key, [])
     elapsed = dict(tracker.history.get("time/elapsed_s", []))
     summary = {
         "steps": trainer.step_count, "elapsed_s": round(trainer.elapsed_s, 1),
@@ -208,7 +213,7 @@ def _loop(cfg: RunConfig, trainer, tracker, run_dir: str, on_step, log) -> dict:
                                    title=f"{cfg.algorithm.name} on {os.path.basename(cfg.data.train_path)}")
         tracker.log_artifact(png)
     if history:
-        log(f"done: {summary['steps']} steps in {summary['elapsed_s']:.0f} s, held-out exact match "
+        log(f"done: {summary['steps']} steps in {summary['elapsed_s']:.0f} s, held-out {name} "
             f"{summary['initial_accuracy']:.1%} -> {summary['final_accuracy']:.1%} (best {summary['best_accuracy']:.1%})")
     else:
         log(f"done: {summary['steps']} steps in {summary['elapsed_s']:.0f} s (no data.eval_path: no held-out score)")

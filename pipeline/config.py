@@ -62,7 +62,8 @@ class DataConfig:
     train_path: str = F("runs/demo/data/train.parquet", "RL prompt pool: Parquet or JSON lines with a prompt "
                         "column plus any columns the reward functions read (e.g. `answer`).")
     eval_path: Optional[str] = F("runs/demo/data/eval.parquet", "Held-out prompts with an `answer` column for "
-                                 "exact-match evaluation; null disables evaluation.")
+                                 "exact-match evaluation (with env.name: any rows, evaluated as episodes by reward); "
+                                 "null disables evaluation.")
     prompt_column: str = F("prompt", "Name of the prompt column in both files: text, or chat messages (a list of "
                            "{role, content}) that the tokenizer's chat template renders.")
     chat_template: bool = F(False, "Render text prompts as one user message with the tokenizer's chat template "
@@ -154,6 +155,11 @@ class EnvConfig:
                               "the turns it finished).", choices=("zero", "keep"))
     workers: int = F(16, "Threads per generator running environment calls, so one slow environment never "
                      "blocks the others.", lo=1)
+    eval_samples: int = F(1, "k: episodes per held-out row when evaluating (data.eval_path, any columns): logged as "
+                          "eval/mean_reward, eval/success (share of episodes scoring at least success_reward) and "
+                          "eval/pass_at_<k> (share of rows with a successful episode among k), sampled at "
+                          "rollout.temperature.", lo=1)
+    success_reward: float = F(1.0, "An episode whose score (the sum of its rewards) reaches this succeeded.")
 
 
 @dataclass
@@ -283,7 +289,8 @@ class TrainConfig:
     steps: int = F(200, "Training steps (one rollout batch and its updates each).", lo=1)
     time_budget_s: Optional[float] = F(None, "Stop after this many seconds of training (a final eval still "
                                        "runs); null = no limit.", lo=1)
-    eval_every: int = F(10, "Evaluate held-out exact match every N steps (and at the start and end).", lo=1)
+    eval_every: int = F(10, "Evaluate held-out exact match (with env.name: episode success) every N steps (and at the "
+                        "start and end).", lo=1)
     eval_every_s: Optional[float] = F(None, "Also evaluate once this many training seconds passed since the "
                                       "last eval (for curves over time); null = by steps only.", lo=1)
     seed: int = F(0, "Seed of torch, sampling and the prompt order.")
@@ -519,10 +526,6 @@ def validate(cfg: RunConfig) -> RunConfig:
 
 def _check_env_against(cfg: RunConfig) -> None:
     """Settings an environment's episodes would silently ignore."""
-    if cfg.data.eval_path:
-        raise ConfigError(f"data.eval_path: {cfg.data.eval_path} is evaluated by greedy exact match of one completion, "
-                          "which says nothing of an environment's episodes; set data.eval_path=null with env.name "
-                          "(held-out episodes by reward are not built yet)")
     if cfg.reward.models or cfg.reward.normalize or cfg.reward.clip is not None:
         raise ConfigError("reward.models / reward.normalize / reward.clip: with env.name the environment's rewards are "
                           "the score and the reward section is not used; remove them")

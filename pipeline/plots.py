@@ -70,10 +70,11 @@ def plot_training_curves(
         _no_data(ax_reward, "reward/mean")
     ax_reward.set(title="Reward", xlabel="step", ylabel="reward")
 
-    accuracy = sorted(history.get("eval/accuracy", []))
+    key = "eval/accuracy" if history.get("eval/accuracy") else "eval/success"     # exact match, or episodes'
+    accuracy = sorted(history.get(key, []))
     if accuracy:
         ax_acc.plot([s for s, _ in accuracy], [100 * v for _, v in accuracy], color="tab:green", lw=1.6,
-                    marker="o", ms=3, label="eval accuracy")
+                    marker="o", ms=3, label="eval accuracy" if key == "eval/accuracy" else "eval success")
     elif not baselines:
         _no_data(ax_acc, "eval/accuracy")
     for i, (label, value) in enumerate((baselines or {}).items()):

@@ -288,6 +288,8 @@ class ConsoleLog:
             parts.append(f"failed {m['reward/failed']:.0f}")
         if m.get("eval/accuracy") is not None:
             parts.append(f"eval {100 * m['eval/accuracy']:.1f}%")
+        if m.get("eval/success") is not None:
+            parts.append(f"eval success {100 * m['eval/success']:.1f}%")
         if "policy/kl" in m:
             parts.append(f"kl {m['policy/kl']:.3g}")
         if "policy/clip_frac" in m:

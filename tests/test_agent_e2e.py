@@ -1,4 +1,4 @@
-"""A user's environment as `module:Class` in the working directory, trained through `rlpipe train` alone."""
+"""A user's environment as `module:Class` in the working directory, trained and evaluated through `rlpipe train` alone."""
 from __future__ import annotations
 
 import os
@@ -36,7 +36,8 @@ def test_a_user_environment_from_the_working_directory_trains_through_the_cli(ti
     out = tmp_path / "run"
     rlpipe = str(Path(sys.executable).with_name("rlpipe"))
     args = [f"model.path={tiny_task['model']}", f"data.train_path={tiny_task['data']['train']}",
-            "data.eval_path=null", f"train.output_dir={out}", "train.steps=3", "checkpoint.every=0",
+            f"data.eval_path={tiny_task['data']['eval']}", "data.eval_size=8", "env.eval_samples=2",
+            f"train.output_dir={out}", "train.steps=3", "checkpoint.every=0",
             "rollout.prompts_per_step=4", "rollout.samples_per_prompt=4", "rollout.max_new_tokens=8",
             "env.name=my_env:Sevens", "env.max_turns=3", "env.max_episode_tokens=40", "env.truncated_reward=keep",
             "resources.num_cpus=2", "resources.cpus_per_rollout_worker=0.5", "resources.cpus_per_learner=0.5",
@@ -52,6 +53,10 @@ def test_a_user_environment_from_the_working_directory_trains_through_the_cli(ti
     shares = [v for k, v in metrics.items() if k.startswith("env/stop/")]
     assert len(shares) == 6 and abs(sum(shares) - 1.0) < 1e-6
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "policy/loss")) == [1, 2, 3]
+    # held-out episodes by reward, before RL and at the end: success, pass@2, mean reward
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "eval/success")) == [0, 3]
+    assert 0.0 <= metrics["eval/success"] <= metrics["eval/pass_at_2"] <= 1.0 and "eval/mean_reward" in metrics
+    assert "held-out episode success" in done.stdout
     before = load_file(os.path.join(tiny_task["model"], "model.safetensors"))
     after = load_file(os.path.join(out, "final_model", "model.safetensors")) \
         if (out / "final_model").exists() else None

@@ -259,8 +259,6 @@ def test_placeholders_leave_the_batch_and_the_stop_reasons_are_counted(policy):
 def test_settings_an_environment_would_ignore_are_refused():
     from pipeline.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="data.eval_path"):
-        load_config(None, ["env.name=reward_functions"])
     with pytest.raises(ConfigError, match="reward.normalize"):
         load_config(None, ["env.name=reward_functions", "data.eval_path=null", "reward.normalize=true"])
     with pytest.raises(ConfigError, match="env.max_episode_tokens"):
@@ -346,3 +344,16 @@ def test_the_strict_check_names_where_tokens_and_the_full_render_part(chat_polic
     trimmed = [*messages[:1], {"role": "assistant", "content": "four"}, messages[2]]
     with pytest.raises(BridgeError, match="differ at character"):
         bridge.check(ids, trimmed)
+
+
+def test_held_out_episodes_give_success_pass_at_k_and_mean_reward():
+    from pipeline.rollout.agent import episode_eval_metrics
+
+    per_row = [[(1.0, "stop", 2, 1), (0.0, "stop", 1, 0)],          # one of two succeeded
+               [(None, "timeout", 1, 0), (0.5, "max_turns", 3, 2)],   # a placeholder fails; 0.5 < 1
+               [(2.0, "stop", 2, 2), (1.0, "stop", 2, 1)]]
+    m = episode_eval_metrics(per_row, success_reward=1.0)
+    assert m["eval/success"] == 3 / 6 and m["eval/pass_at_2"] == 2 / 3
+    assert m["eval/mean_reward"] == (1.0 + 0.0 + 0.5 + 2.0 + 1.0) / 5          # over the episodes that ran
+    assert m["eval/turns"] == 11 / 6 and m["eval/tool_calls"] == 1.0
+    assert m["eval/stop/stop"] == 4 / 6 and m["eval/stop/timeout"] == 1 / 6

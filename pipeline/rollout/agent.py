@@ -282,3 +282,23 @@ def episodes_to_rollout(episodes: list[Episode], group_ids: list[int], sample_in
         episode_counts=torch.tensor([[e.turns, *(e.counts[k] for k in COUNTERS)] for e in episodes],
                                     dtype=torch.long).reshape(len(episodes), 1 + len(COUNTERS)),
     )
+
+
+def episode_eval_metrics(per_row: list[list[tuple]], success_reward: float) -> dict[str, float]:
+    """Held-out figures from k episodes per row, each (score or None for a placeholder, stop_reason, turns,
+    tool calls): eval/success (share of episodes scoring >= success_reward; a placeholder fails),
+    eval/pass_at_<k> (share of rows with a success among their k), eval/mean_reward (over episodes that ran),
+    eval/turns, eval/tool_calls, eval/stop/<reason>."""
+    episodes = [e for row in per_row for e in row]
+    if not episodes:
+        return {"eval/success": 0.0}
+    k = len(per_row[0])
+    won = [[e[0] is not None and e[0] >= success_reward for e in row] for row in per_row]
+    scored = [e[0] for e in episodes if e[0] is not None]
+    out = {"eval/success": sum(map(sum, won)) / len(episodes),
+           f"eval/pass_at_{k}": sum(any(row) for row in won) / len(per_row),
+           "eval/mean_reward": sum(scored) / len(scored) if scored else 0.0,
+           "eval/turns": sum(e[2] for e in episodes) / len(episodes),
+           "eval/tool_calls": sum(e[3] for e in episodes) / len(episodes)}
+    out.update({f"eval/stop/{r}": sum(e[1] == r for e in episodes) / len(episodes) for r in STOP_REASONS})
+    return out

@@ -70,6 +70,17 @@ class RolloutGenerator(GroupMember):
         tokenizer = self.prompt_format.tokenizer
         return episodes_to_rollout(episodes, group_ids, sample_index, self.version, tokenizer.pad_token_id, tokenizer)
 
+    def evaluate_episodes(self, rows: list[dict], k: int, step: int) -> list[list]:
+        """k episodes of each held-out row -> per row, k (score, stop_reason, turns, tool calls); a placeholder's
+        score is None."""
+        from pipeline.rollout.agent import FAILED_STOPS, run_episodes
+
+        episodes = run_episodes(self.backend, self.prompt_format, self.env_factory, [r for r in rows for _ in range(k)],
+                                self.env_cfg, self.cfg, derive_seed(self.seed, step, self.worker_index, 7))
+        out = [(None if e.stop_reason in FAILED_STOPS else sum(e.rewards), e.stop_reason, e.turns,
+                e.counts["tool_calls"]) for e in episodes]
+        return [out[i * k:(i + 1) * k] for i in range(len(rows))]
+
     def count_correct(self, prompts: list, answers: list[str], max_new_tokens: int) -> int:
         """Greedy exact-match hits on an eval shard (summed over generators by the driver)."""
         if not prompts:

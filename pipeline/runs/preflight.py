@@ -106,7 +106,8 @@ def preflight(cfg: RunConfig, log=print, *, local_actors: bool = True):
     train = drop_empty_prompts(train, d.prompt_column, "data.train_path", d.train_path, log)
     evaluation = None
     if d.eval_path:
-        evaluation = read_prompt_table(d.eval_path, (d.prompt_column, "answer"))
+        needed = (d.prompt_column,) if cfg.env.name else (d.prompt_column, "answer")   # episodes: by reward
+        evaluation = read_prompt_table(d.eval_path, needed)
         evaluation = drop_empty_prompts(evaluation, d.prompt_column, "data.eval_path", d.eval_path, log)
         evaluation = evaluation.slice(0, d.eval_size)
     train, evaluation = check_prompt_lengths(cfg, train, evaluation, log)
