@@ -29,3 +29,24 @@ def flaky(prompts, completions, **columns):
 def wordy(prompts, completions, **columns):
     """Returns text, not a number, for every sample: every sample's reward fails."""
     return ["great" for c in completions]
+
+
+class DiesOnceEnv:
+    """An environment that ends its own process (its generator's) at its first step anywhere, once (marker file
+    from $RLPIPE_DIE_MARKER); otherwise two turns paying 1 for a turn holding a 7."""
+
+    stop = ["="]
+
+    def reset(self, row, seed):
+        self.turns = 0
+        return row["prompt"]
+
+    def step(self, action):
+        import os
+
+        marker = os.environ["RLPIPE_DIE_MARKER"]
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)
+        self.turns += 1
+        return " 1 ", float("7" in action), self.turns == 2, False, {}

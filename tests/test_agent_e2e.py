@@ -62,3 +62,38 @@ def test_a_user_environment_from_the_working_directory_trains_through_the_cli(ti
         if (out / "final_model").exists() else None
     assert after is not None, sorted(os.listdir(out))
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_generator_killed_by_its_environment_mid_step_regenerates_its_episodes(tiny_task, tmp_path, ray_with_marker):
+    """The environments of a generator die with it (here one ends the process at its first step): Ray restarts
+    the generator, the driver resends its shard, and each step still trains every episode exactly once, none a
+    placeholder (asynchronous rollouts, so a batch is in flight when it happens)."""
+    import ray
+
+    from actors.driver import Trainer
+    from actors.pools import start_actors
+    from pipeline.config import load_config
+    from pipeline.data.prompt_table import read_prompt_table
+
+    cfg = load_config(None, [
+        f"model.path={tiny_task['model']}", f"data.train_path={tiny_task['data']['train']}", "data.eval_path=null",
+        "rollout.prompts_per_step=4", "rollout.samples_per_prompt=3", "rollout.max_new_tokens=8",
+        "env.name=tests.rewards_for_tests:DiesOnceEnv", "env.max_turns=3", "env.max_episode_tokens=40",
+        "resources.rollout_workers=2", "resources.cpus_per_rollout_worker=0.5", "resources.cpus_per_learner=0.5",
+        "resources.torch_threads=1", f"train.output_dir={tmp_path}/run", "rollout.max_staleness=1",
+        "algorithm.old_logprobs=learner", "algorithm.tis_cap=2.0"])
+    pools = start_actors(cfg)
+    try:
+        pools.wait_ready()
+        pids = ray.get([g.pid.remote() for g in pools.generators])
+        trainer = Trainer(cfg, pools, read_prompt_table(cfg.data.train_path), None, tracker=None, console=None)
+        trained = [trainer.step() for _ in range(3)]
+        assert ray_with_marker.exists() and trainer.resent_shards >= 1
+        assert ray.get([g.pid.remote() for g in pools.generators]) != pids        # one was restarted
+        for m in trained:
+            assert m["reward/failed"] == 0 and m["env/stop/env_error"] == 0 and m["env/stop/timeout"] == 0
+        r = trainer.last_batch.rollout
+        assert r.sample_index.tolist() == list(range(12)) and len(r.stop_reasons) == 12
+        assert trainer.version == 3 and all(m["policy/staleness"] <= 1 for m in trained)
+    finally:
+        pools.shutdown()
