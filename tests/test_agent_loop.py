@@ -357,3 +357,33 @@ def test_held_out_episodes_give_success_pass_at_k_and_mean_reward():
     assert m["eval/mean_reward"] == (1.0 + 0.0 + 0.5 + 2.0 + 1.0) / 5          # over the episodes that ran
     assert m["eval/turns"] == 11 / 6 and m["eval/tool_calls"] == 1.0
     assert m["eval/stop/stop"] == 4 / 6 and m["eval/stop/timeout"] == 1 / 6
+
+
+def test_an_environments_tools_reach_the_chat_template_and_the_bridge(chat_policy):
+    from pipeline.envs import tool_schema
+
+    def lookup(key: str) -> int:
+        """The value under a key."""
+        return 42
+
+    class ToolChat(ChatEnv):
+        schemas = [tool_schema(lookup)]
+
+    tok = chat_policy.prompt_format.tokenizer
+    original = tok.chat_template
+    tok.chat_template = ("{% if tools %}<|im_start|>system\nTools: {% for t in tools %}{{ t['function']['name'] }}"
+                         "{% endfor %}<|im_end|>\n{% endif %}" + original)
+    try:
+        env_cfg = EnvConfig(max_turns=3, max_turn_tokens=24, max_episode_tokens=120, truncated_reward="keep")
+        rows = [{"prompt": f"what is {i}", "id": i} for i in range(8)]
+        episodes = run_episodes(chat_policy.backend, chat_policy.prompt_format, ToolChat, rows, env_cfg,
+                                chat_policy.cfg, 0)
+        assert all(e.prompt_text.startswith("<|im_start|>system\nTools: lookup<|im_end|>\n") for e in episodes)
+        several = [e for e in episodes if e.turns > 1]
+        assert several
+        for e in several:      # the strict check rendered the conversation with the same tools
+            last = spans(e.loss_mask)[-1][0]
+            assert tok.decode(e.prompt_ids + e.ids[:last], clean_up_tokenization_spaces=False) == \
+                tok.apply_chat_template(e.messages, tools=ToolChat.schemas, tokenize=False, add_generation_prompt=True)
+    finally:
+        tok.chat_template = original

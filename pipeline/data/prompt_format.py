@@ -39,8 +39,9 @@ class PromptFormat:
             raise PromptError("data.chat_template is true but the model's tokenizer has no chat template; set "
                               "data.chat_template=false, or use a tokenizer folder with a chat_template")
 
-    def render(self, prompts: Sequence[Any]) -> tuple[list[str], list[bool]]:
-        """(text, rendered by the chat template?) per prompt."""
+    def render(self, prompts: Sequence[Any], tools: Optional[list] = None) -> tuple[list[str], list[bool]]:
+        """(text, rendered by the chat template?) per prompt. tools: function schemas for the template's `tools`
+        argument (an environment's tools, `ToolEnvironment.schemas`)."""
         texts, rendered = [], []
         for i, p in enumerate(prompts):
             if is_conversation(p) or (self.chat_template and isinstance(p, str)):
@@ -48,7 +49,9 @@ class PromptFormat:
                 if not getattr(self.tokenizer, "chat_template", None):
                     raise PromptError(f"prompt {i} is a conversation but the model's tokenizer has no chat "
                                       "template to render it; give text prompts or a tokenizer with a chat_template")
-                texts.append(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+                extra = {"tools": tools} if tools else {}
+                texts.append(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                                **extra))
                 rendered.append(True)
             elif isinstance(p, str):
                 texts.append(p)
@@ -57,9 +60,9 @@ class PromptFormat:
                 raise PromptError(f"prompt {i} is neither text nor a list of {{role, content}} messages: {p!r:.80}")
         return texts, rendered
 
-    def token_ids(self, prompts: Sequence[Any]) -> tuple[list[list[int]], list[str]]:
+    def token_ids(self, prompts: Sequence[Any], tools: Optional[list] = None) -> tuple[list[list[int]], list[str]]:
         """Unpadded token ids per prompt, and the text each came from."""
-        texts, rendered = self.render(prompts)
+        texts, rendered = self.render(prompts, tools)
         bos = self.tokenizer.bos_token
         specials = [not r and not (bos and t.startswith(bos)) for t, r in zip(texts, rendered)]
         ids: list[list[int]] = [[] for _ in texts]

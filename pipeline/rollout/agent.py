@@ -66,6 +66,7 @@ class Episode:
     turn_start: int = 0                                     # where the last sampled turn begins in `ids`
     last_action: str = ""
     messages: list | None = None                            # the conversation so far, for a chat episode
+    bridge: Any = None                                      # its ChatBridge (with its environment's tools)
     stop_reason: Optional[str] = None                      # None while the episode runs
     error: str = ""
     counts: dict = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
@@ -139,7 +140,6 @@ def run_episodes(backend, prompt_format, factory: Callable, rows: list[dict], en
     turn_tokens = env_cfg.max_turn_tokens or rollout_cfg.max_new_tokens
     calls = EnvCalls(env_cfg.workers, env_cfg.timeout_s)
     episodes = [Episode(row=row) for row in rows]
-    bridge = None
     try:
         for e, i, (ok, value) in zip(episodes, range(len(rows)),
                                      calls.run([(_start, (factory, row, derive_seed(seed, i))) for i, row in enumerate(rows)])):
@@ -150,9 +150,10 @@ def run_episodes(backend, prompt_format, factory: Callable, rows: list[dict], en
             if is_conversation(observation) or (prompt_format.chat_template and isinstance(observation, str)):
                 e.messages = list(observation) if is_conversation(observation) else \
                     [{"role": "user", "content": observation}]
-                bridge = bridge or ChatBridge(tokenizer, _end_of_turn(prompt_format))
+                e.bridge = ChatBridge(tokenizer, _end_of_turn(prompt_format), getattr(e.env, "schemas", None))
             try:
-                ids, texts = prompt_format.token_ids([observation])
+                tools = getattr(e.env, "schemas", None) if e.messages is not None else None
+                ids, texts = prompt_format.token_ids([observation], tools)
             except UserInputError as err:          # the environment's first observation cannot be rendered
                 e.fail("env_error", err)
                 continue
@@ -180,7 +181,7 @@ def run_episodes(backend, prompt_format, factory: Callable, rows: list[dict], en
                 else:
                     stepping.append(e)
             for e, (ok, value) in zip(stepping, calls.run([(e.env.step, (e.last_action,)) for e in stepping])):
-                _apply_step(e, ok, value, tokenizer, env_cfg, bridge)
+                _apply_step(e, ok, value, tokenizer, env_cfg)
         for e in episodes:
             if e.running:
                 e.stop_reason = "max_turns"
@@ -200,7 +201,7 @@ def _end_of_turn(prompt_format) -> int:
     return end
 
 
-def _observation_ids(e: Episode, observation, tokenizer, bridge) -> list[int]:
+def _observation_ids(e: Episode, observation, tokenizer) -> list[int]:
     """The tokens of an observation as the next turn: text alone, or in a chat the bridge's render of the new
     messages, after the end-of-turn token the template writes (inserted, unsampled, when the model's turn ended
     at a stop string instead)."""
@@ -209,7 +210,7 @@ def _observation_ids(e: Episode, observation, tokenizer, bridge) -> list[int]:
             raise TypeError("an observation given as chat messages needs a chat episode: a first observation "
                             "that is a conversation, or data.chat_template=true")
         return tokenizer(observation, add_special_tokens=False)["input_ids"] if observation else []
-    turn = e.ids[e.turn_start:]
+    bridge, turn = e.bridge, e.ids[e.turn_start:]
     inserted = [] if turn and turn[-1] == bridge.end_of_turn_id else [bridge.end_of_turn_id]
     reply = bridge.decode(turn[:-1] if not inserted else turn)
     new = list(observation) if is_conversation(observation) else [{"role": "user", "content": str(observation)}]
@@ -217,7 +218,7 @@ def _observation_ids(e: Episode, observation, tokenizer, bridge) -> list[int]:
     return inserted + bridge.observation_ids(new)
 
 
-def _apply_step(e: Episode, ok: bool, value: Any, tokenizer, env_cfg, bridge=None) -> None:
+def _apply_step(e: Episode, ok: bool, value: Any, tokenizer, env_cfg) -> None:
     """One environment step's result into its episode: the turn's reward, counters, the end or the next
     observation's tokens."""
     if ok:
@@ -239,7 +240,7 @@ def _apply_step(e: Episode, ok: bool, value: Any, tokenizer, env_cfg, bridge=Non
         e.stop_reason = "max_turns"
     else:
         try:
-            obs = _observation_ids(e, value.observation, tokenizer, bridge)
+            obs = _observation_ids(e, value.observation, tokenizer)
         except TypeError as err:
             e.fail("env_error", err)
             return
@@ -248,7 +249,7 @@ def _apply_step(e: Episode, ok: bool, value: Any, tokenizer, env_cfg, bridge=Non
             return
         e.add(obs, [], sampled=False)
         if e.messages is not None:
-            bridge.check(e.prompt_ids + e.ids, e.messages)      # strict: a mismatch stops the run (BridgeError)
+            e.bridge.check(e.prompt_ids + e.ids, e.messages)      # strict: a mismatch stops the run (BridgeError)
 
 
 def episodes_to_rollout(episodes: list[Episode], group_ids: list[int], sample_index: list[int], version: int,

@@ -26,8 +26,9 @@ class BridgeError(UserInputError):
 
 
 class ChatBridge:
-    def __init__(self, tokenizer, end_of_turn_id: int):
+    def __init__(self, tokenizer, end_of_turn_id: int, tools: list | None = None):
         self.tokenizer = tokenizer
+        self.tools = tools or None          # the environment's tool schemas, rendered where the template puts them
         self.end_of_turn_id = end_of_turn_id
         self.end_of_turn = tokenizer.convert_ids_to_tokens(end_of_turn_id)
         self.base = self.render(_BASE, generation_prompt=False)
@@ -37,7 +38,9 @@ class ChatBridge:
         self.boundary = self.base.rsplit(self.end_of_turn, 1)[1]       # written after the end-of-turn token
 
     def render(self, messages: list, generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        extra = {"tools": self.tools} if self.tools else {}
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                                  **extra)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
