@@ -196,3 +196,56 @@ def test_a_new_task_from_parquet_to_rl_policy_through_the_cli(tmp_path):
         for noise in ("Loading weights", "Writing model shards", "Token authentication is enabled", "UNEXPECTED",
                       "Creating initial MLflow database tables"):
             assert noise not in output, (command, noise, output[-2000:])
+
+
+TOOL_EPISODE = [{"role": "assistant", "content": "3 "}, {"role": "tool", "content": " 45 "},
+                {"role": "assistant", "content": "7"}]
+
+
+@pytest.mark.unit
+def test_demonstrated_episodes_train_the_assistant_turns_in_the_agent_loops_layout(tiny_task, tmp_path):
+    """Text protocol (no chat template): prompt, then each turn's own tokens; observations attended, loss 0."""
+    from pipeline.models import load_tokenizer
+    from pipeline.trainers.sft import encode_supervised
+
+    path = write(tmp_path / "episodes.parquet", prompt=["1+2=", "4+4="], response=[TOOL_EPISODE, TOOL_EPISODE[-1:]])
+    demos = read_demonstrations(path)
+    assert demos.responses == [TOOL_EPISODE, TOOL_EPISODE[-1:]]
+    tok = load_tokenizer(tiny_task["model"])
+    data = encode_supervised(tok, demos.prompts, demos.responses)
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]
+    expected = enc("3 ") + enc(" 45 ") + enc("7") + [tok.eos_token_id]
+    assert data["completion_ids"][0].tolist() == expected
+    assert data["loss_mask"][0].tolist() == [True] * 2 + [False] * 4 + [True] * 2
+    assert data["completion_mask"][0].all() and data["loss_mask"][1].sum() == 2     # "7" + eos
+    with pytest.raises(Exception, match="not an episode"):
+        read_demonstrations(write(tmp_path / "bad.parquet", prompt=["1+2="],
+                                  response=[[{"role": "assistant", "content": "3"}, {"role": "tool", "content": "4"}]]))
+
+
+@pytest.mark.unit
+def test_a_chat_episode_is_the_templates_render_and_only_assistant_tokens_train(bpe_task, tmp_path):
+    from pipeline.data.prompt_format import PromptFormat
+    from pipeline.models import load_causal_lm, load_tokenizer
+    from pipeline.trainers.sft import SupervisedTrainer, encode_supervised
+
+    conversation = [{"role": "user", "content": "12+5="}, {"role": "assistant", "content": "the sum"},
+                    {"role": "tool", "content": "17"}, {"role": "assistant", "content": "17"}]
+    demos = read_demonstrations(write(tmp_path / "chat.parquet", messages=[conversation] * 4),
+                                messages_column="messages")
+    assert demos.prompts[0] == conversation[:1] and demos.responses[0] == conversation[1:]
+    tok = load_tokenizer(bpe_task["model"])
+    data = encode_supervised(tok, demos.prompts, demos.responses, PromptFormat(tok))
+    ids = data["prompt_ids"][0][data["prompt_mask"][0]].tolist() + data["completion_ids"][0].tolist()
+    full = tok.apply_chat_template(conversation, tokenize=False)
+    assert tok.decode(ids, clean_up_tokenization_spaces=False) == full.removesuffix("\n")   # ends at <|im_end|>
+    trained = data["completion_ids"][0][data["loss_mask"][0]].tolist()
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert trained == tok("the sum", add_special_tokens=False)["input_ids"] + [im_end] + \
+        tok("17", add_special_tokens=False)["input_ids"] + [im_end]
+    trainer = SupervisedTrainer(load_causal_lm(bpe_task["model"]), tok, demos.prompts, demos.responses,
+                                demos.prompts, demos.responses, lr=1e-2, batch_size=4)
+    before = trainer.evaluate()["eval/loss"]
+    for _ in range(3):
+        trainer.train_step()
+    assert trainer.evaluate()["eval/loss"] < before

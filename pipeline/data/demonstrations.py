@@ -9,6 +9,13 @@ Two layouts, as the field ships them (TRL's SFTTrainer, OpenRLHF's SFT dataset):
   before it are the prompt, rendered by the tokenizer's chat template with the generation prompt; the reply
   is the response. Loss is on the response tokens only, either way.
 An `answer` column, when present, is what held-out greedy exact match compares with.
+
+**Demonstrated episodes** (multi-turn tool use, for an environment run's supervised start): a messages row
+holding a `tool` message is an episode. The messages before the first assistant message are the prompt, and
+every later assistant message is trained; tool (or any other) messages are observations, with loss 0. In
+the prompt / response layout, a response may also be such a list of messages after a text prompt: the text
+protocol of `pipeline.envs.tools`, for models without a chat template. Either way the tokens are laid out as
+the agent loop lays out an episode (`pipeline.trainers.sft.episode_ids`).
 """
 from __future__ import annotations
 
@@ -20,10 +27,11 @@ from pipeline.data.prompt_table import DataError, hold_out, read_prompt_table
 
 @dataclass
 class Demonstrations:
-    """Rows of one file: `prompts` (text or message lists), `responses` (text), `answers` (text or None)."""
+    """Rows of one file: `prompts` (text or message lists), `responses` (text, or for a demonstrated episode its
+    messages after the prompt), `answers` (text or None)."""
     path: str
     prompts: list
-    responses: list[str]
+    responses: list
     answers: Optional[list[str]]
 
     def __len__(self) -> int:
@@ -42,6 +50,16 @@ def _messages_error(path, column: str, row: int, why: str) -> DataError:
     return DataError(f"{path}: row {row} of column {column!r} {why}; each row must be a list of "
                      '{"role": str, "content": str} messages ending with the assistant\'s reply, e.g. '
                      '[{"role": "user", "content": "2+2="}, {"role": "assistant", "content": "4"}]')
+
+
+def _episode_turns(path, column: str, row: int, turns: list) -> list[dict]:
+    """A response given as an episode's messages, checked: role/content dicts, ending with the assistant's."""
+    if not turns or not all(_is_message(m) for m in turns) or turns[-1]["role"] != "assistant":
+        raise DataError(f"{path}: row {row} of column {column!r} is a list but not an episode: give role/content "
+                        'messages ending with the assistant\'s, e.g. [{"role": "assistant", "content": '
+                        '"<call>lookup(\'a\')</call>"}, {"role": "tool", "content": "<result>4</result>"}, '
+                        '{"role": "assistant", "content": "<answer>4</answer>"}]')
+    return [{"role": m["role"], "content": m["content"]} for m in turns]
 
 
 def read_demonstrations(path, *, prompt_column: str = "prompt", response_column: Optional[str] = None,
@@ -66,7 +84,13 @@ def read_demonstrations(path, *, prompt_column: str = "prompt", response_column:
             if conversation[-1]["role"] != "assistant" or len(conversation) < 2:
                 raise _messages_error(path, messages_column, i, "does not end with an assistant message after "
                                       "at least one other message")
-            prompts.append([{"role": m["role"], "content": m["content"]} for m in conversation[:-1]])
+            conversation = [{"role": m["role"], "content": m["content"]} for m in conversation]
+            first = next(k for k, m in enumerate(conversation) if m["role"] == "assistant")
+            if first > 0 and any(m["role"] == "tool" for m in conversation[first:]):     # an episode
+                prompts.append(conversation[:first])
+                responses.append(conversation[first:])
+                continue
+            prompts.append(conversation[:-1])
             responses.append(conversation[-1]["content"])
     else:
         table = read_prompt_table(path, required_columns=(prompt_column,))
@@ -86,11 +110,13 @@ def read_demonstrations(path, *, prompt_column: str = "prompt", response_column:
         for i, r in enumerate(responses):
             if isinstance(r, (int, float)) and not isinstance(r, bool):
                 responses[i] = str(r)         # a numeric answer column ("579" stored as 579) is its text
+            elif isinstance(r, list):
+                responses[i] = _episode_turns(path, response_column, i, r)
             elif not isinstance(r, str):
                 raise DataError(f"{path}: row {i} of column {response_column!r} is {r!r:.60}, not text; the "
                                 "response column must hold the text the model should answer with")
     for i, r in enumerate(responses):
-        if not r.strip():
+        if isinstance(r, str) and not r.strip():
             raise DataError(f"{path}: row {i} has an empty response; drop the row or fill it in")
     answers = None
     if answer_column in table.column_names:

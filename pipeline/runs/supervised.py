@@ -169,7 +169,12 @@ def check_lengths(tokenizer, prompt_format, demos, model_config, what: str) -> N
     if limit is None:
         return
     prompt_lengths = prompt_format.lengths(demos.prompts)
-    response_lengths = [len(ids) for ids in tokenizer(demos.responses, add_special_tokens=False)["input_ids"]]
+    from pipeline.trainers.sft import episode_ids
+
+    rendered = prompt_format.render(demos.prompts)[1]
+    response_lengths = [len(episode_ids(prompt_format, r, chat)[0]) - 1 if isinstance(r, list)   # the EOS below
+                        else len(tokenizer(r, add_special_tokens=False)["input_ids"])
+                        for r, chat in zip(demos.responses, rendered)]
     for i, (p, r) in enumerate(zip(prompt_lengths, response_lengths)):
         if p + r + 1 > limit:
             raise DataError(f"{what}: row {i} has {p} prompt + {r} response tokens + EOS, more than the model's "

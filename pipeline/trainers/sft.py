@@ -19,27 +19,58 @@ from pipeline.data.prompt_format import PromptFormat
 from pipeline.trainers.loop import EngineTrainer, ShuffledRows, train_loop
 
 
-def encode_supervised(tokenizer, prompts: list, answers: list[str],
-                      prompt_format: Optional[PromptFormat] = None) -> dict[str, torch.Tensor]:
+def episode_ids(prompt_format: PromptFormat, turns: list[dict], chat: bool) -> tuple[list[int], list[bool]]:
+    """A demonstrated episode after its prompt, in the agent loop's layout (`pipeline.rollout.agent`): each
+    assistant turn's tokens (loss 1), then in a chat its end-of-turn token; each other message (a tool's result,
+    the environment's answer) as an observation (loss 0): its text alone, or in a chat the bridge's render of it
+    as the next turn. The last turn (an assistant's) ends with <eos> outside a chat. -> (ids, loss mask)."""
+    from pipeline.rollout.chat_bridge import ChatBridge
+
+    tok = prompt_format.tokenizer
+    bridge = ChatBridge(tok, prompt_format.end_of_turn_id()) if chat else None
+    ids: list[int] = []
+    mask: list[bool] = []
+    for i, m in enumerate(turns):
+        if m["role"] == "assistant":
+            part = tok(m["content"], add_special_tokens=False)["input_ids"]
+            part += [bridge.end_of_turn_id] if chat else ([tok.eos_token_id] if i == len(turns) - 1 else [])
+        else:
+            part = bridge.observation_ids([m]) if chat else tok(m["content"], add_special_tokens=False)["input_ids"]
+        ids += part
+        mask += [m["role"] == "assistant"] * len(part)
+    return ids, mask
+
+
+def encode_supervised(tokenizer, prompts: list, answers: list, prompt_format: Optional[PromptFormat] = None
+                      ) -> dict[str, torch.Tensor]:
     """Tokenise (prompt, answer) pairs in the RL layout: prompt_ids/prompt_mask (n, P) left-padded as
-    generation sees them; completion_ids/completion_mask (n, T) = answer + its end, right-padded. The end is
-    the chat template's end-of-turn token where the template rendered the prompt (the reply is an assistant
-    turn, and other runtimes stop on that token), else <eos>."""
+    generation sees them; completion_ids/completion_mask (n, T) = answer + its end, right-padded; loss_mask
+    (n, T) the tokens trained on. The end is the chat template's end-of-turn token where the template rendered
+    the prompt (the reply is an assistant turn, and other runtimes stop on that token), else <eos>. An answer
+    given as a list of messages is a demonstrated episode (`episode_ids`): its observations are attended to,
+    with loss 0."""
     prompt_format = prompt_format or PromptFormat(tokenizer)
     prompt_ids, prompt_mask, _ = prompt_format.encode(prompts)
     rendered = prompt_format.render(prompts)[1]
     end_of_turn = prompt_format.end_of_turn_id() if any(rendered) else None
-    answer_ids = tokenizer([str(a) for a in answers], add_special_tokens=False)["input_ids"]
-    T = max(len(ids) for ids in answer_ids) + 1
+    rows = []
+    for i, a in enumerate(answers):
+        if isinstance(a, list):
+            rows.append(episode_ids(prompt_format, a, rendered[i]))
+            continue
+        end = end_of_turn if rendered[i] and end_of_turn is not None else tokenizer.eos_token_id
+        ids = list(tokenizer(str(a), add_special_tokens=False)["input_ids"]) + [end]
+        rows.append((ids, [True] * len(ids)))
+    T = max(len(ids) for ids, _ in rows)
     completion_ids = torch.full((len(answers), T), tokenizer.pad_token_id, dtype=torch.long)
     completion_mask = torch.zeros((len(answers), T), dtype=torch.bool)
-    for i, ids in enumerate(answer_ids):
-        end = end_of_turn if rendered[i] and end_of_turn is not None else tokenizer.eos_token_id
-        row = list(ids) + [end]
-        completion_ids[i, :len(row)] = torch.tensor(row)
-        completion_mask[i, :len(row)] = True
+    loss_mask = torch.zeros((len(answers), T), dtype=torch.bool)
+    for i, (ids, trained) in enumerate(rows):
+        completion_ids[i, :len(ids)] = torch.tensor(ids)
+        completion_mask[i, :len(ids)] = True
+        loss_mask[i, :len(ids)] = torch.tensor(trained)
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
-            "completion_ids": completion_ids, "completion_mask": completion_mask}
+            "completion_ids": completion_ids, "completion_mask": completion_mask, "loss_mask": loss_mask}
 
 
 def select_rows(data: dict[str, torch.Tensor], index: torch.Tensor, device) -> dict[str, torch.Tensor]:
@@ -53,13 +84,16 @@ def select_rows(data: dict[str, torch.Tensor], index: torch.Tensor, device) -> d
         "prompt_mask": rows["prompt_mask"][:, first:].to(device),
         "completion_ids": rows["completion_ids"][:, :last].to(device),
         "completion_mask": rows["completion_mask"][:, :last].to(device),
+        "loss_mask": rows["loss_mask"][:, :last].to(device),
     }
 
 
 def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Token-mean NLL of the completion tokens (answer + eos); prompt tokens carry no loss."""
-    logprobs = completion_forward(model, **batch)["logprobs"]                 # (n, T)
-    mask = batch["completion_mask"].float()
+    """Token-mean NLL of the trained tokens (answer + eos; a demonstrated episode's assistant turns); prompt and
+    observation tokens carry no loss."""
+    inputs = {k: v for k, v in batch.items() if k != "loss_mask"}
+    logprobs = completion_forward(model, **inputs)["logprobs"]                # (n, T)
+    mask = batch["loss_mask"].float()
     return -(logprobs * mask).sum() / mask.sum().clamp(min=1.0)
 
 
@@ -102,7 +136,7 @@ class SupervisedTrainer(EngineTrainer):
 
     def train_step(self) -> dict[str, float]:
         index = self.rows.next()
-        tokens = self.data["completion_mask"][index].sum().clamp(min=1)   # of the whole minibatch, every rank
+        tokens = self.data["loss_mask"][index].sum().clamp(min=1)   # of the whole minibatch, every rank
 
         def loss(part):
             value = sft_loss(self.model, select_rows(self.data, part, self.device))
@@ -110,7 +144,7 @@ class SupervisedTrainer(EngineTrainer):
 
         figures, _ = self.engine.train_step(      # token-mean = the micro-batches' shares, summed
             self.my_rows(index), self.length, loss,
-            lambda part: float(self.data["completion_mask"][part].sum() / tokens),
+            lambda part: float(self.data["loss_mask"][part].sum() / tokens),
             lr=self.lr * lr_factor(self.step_count, self.warmup_steps, self.decay_steps), **self.step_shares(index))
         self.step_count += 1
         return {"loss": figures.get("loss", 0.0)}    # this rank's share: the ranks' sum is the minibatch's loss
@@ -127,7 +161,7 @@ class SupervisedTrainer(EngineTrainer):
         for rows in torch.arange(n).split(self.eval_batch_size):
             batch = select_rows(self.eval_data, rows, self.device)
             with self.engine.autocast():
-                count = float(batch["completion_mask"].sum())
+                count = float(batch["loss_mask"].sum())
                 nll += sft_loss(self.model, batch).item() * count
             tokens += count
         metrics["eval/loss"] = nll / max(tokens, 1.0)
@@ -160,4 +194,4 @@ def supervised_finetune(model, tokenizer, prompts: list, answers: list[str],
             "steps": result["steps"], "seconds": result["seconds"], "skipped_steps": result["skipped_steps"]}
 
 
-__all__ = ["SupervisedTrainer", "encode_supervised", "select_rows", "sft_loss", "supervised_finetune"]
+__all__ = ["SupervisedTrainer", "encode_supervised", "episode_ids", "select_rows", "sft_loss", "supervised_finetune"]
