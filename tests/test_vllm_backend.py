@@ -61,6 +61,46 @@ def test_engine_logprobs_equal_the_learners_recompute(llama, engine, temperature
 
 
 @pytest.mark.slow
+def test_agent_episodes_through_the_engine_train_the_sampled_ids_with_observations_masked(llama, engine):
+    """Token-in/token-out through vLLM: each turn's context goes in as ids; what comes back (cut at the stop
+    string) is trained with the engine's log-probs, which are the learner's for those ids in that context. It runs
+    on the module's engine before the tests that start and drop engines of their own: placed after them, this
+    engine failed in CI with "pipeline model parallel group is not initialized"."""
+    from pipeline.config import EnvConfig
+    from pipeline.envs import StepResult
+    from pipeline.rollout.agent import episodes_to_rollout, run_episodes
+
+    class Echo:
+        stop = [" the", "."]
+
+        def reset(self, row, seed):
+            return row["prompt"]
+
+        def step(self, action):
+            return StepResult(" Result: 42.", reward=1.0, done=False)
+
+    engine.cfg = dataclasses.replace(engine.cfg, temperature=1.0)
+    rows = [{"prompt": p} for p in PROMPTS[:8]]
+    env_cfg = EnvConfig(max_turns=3, max_turn_tokens=8, max_episode_tokens=40, truncated_reward="keep")
+    episodes = run_episodes(engine.backend, engine.prompt_format, Echo, rows, env_cfg, engine.cfg, seed=0)
+    tok = engine.prompt_format.tokenizer
+    r = episodes_to_rollout(episodes, list(range(8)), list(range(8)), 0, tok.pad_token_id, tok)
+    assert sum(e.turns for e in episodes) > len(episodes)            # several turns ran
+    with torch.no_grad():
+        learner = completion_forward(load_causal_lm(llama), r.prompt_ids, r.prompt_mask, r.completion_ids,
+                                     r.completion_mask, temperature=1.0)["logprobs"]
+    m = r.loss_mask
+    assert (~m & r.completion_mask).sum() > 0                        # observations are in the sequence, masked
+    assert (learner - r.logprobs).abs()[m].max().item() < 1e-4
+    obs = tok(" Result: 42.", add_special_tokens=False)["input_ids"]
+    for e in episodes:
+        for k in range(len(e.ids) - len(obs) + 1):
+            if e.ids[k:k + len(obs)] == obs and not any(e.loss_mask[k:k + len(obs)]):
+                break
+        else:
+            assert e.turns == 1, e.stop_reason                      # only a one-turn episode has no observation
+
+@pytest.mark.slow
 def test_the_read_back_is_the_folders_weights_and_an_eos_ends_the_completion_inside_its_mask(llama, engine):
     model = load_causal_lm(llama)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -197,41 +237,3 @@ def test_vllm_generators_in_a_ray_run_hold_the_learners_checksum_and_survive_a_k
         pools.shutdown()
         ray.shutdown()
 
-
-@pytest.mark.slow
-def test_agent_episodes_through_the_engine_train_the_sampled_ids_with_observations_masked(llama, engine):
-    """Token-in/token-out through vLLM: each turn's context goes in as ids; what comes back (cut at the stop
-    string) is trained with the engine's log-probs, which are the learner's for those ids in that context."""
-    from pipeline.config import EnvConfig
-    from pipeline.envs import StepResult
-    from pipeline.rollout.agent import episodes_to_rollout, run_episodes
-
-    class Echo:
-        stop = [" the", "."]
-
-        def reset(self, row, seed):
-            return row["prompt"]
-
-        def step(self, action):
-            return StepResult(" Result: 42.", reward=1.0, done=False)
-
-    engine.cfg = dataclasses.replace(engine.cfg, temperature=1.0)
-    rows = [{"prompt": p} for p in PROMPTS[:8]]
-    env_cfg = EnvConfig(max_turns=3, max_turn_tokens=8, max_episode_tokens=40, truncated_reward="keep")
-    episodes = run_episodes(engine.backend, engine.prompt_format, Echo, rows, env_cfg, engine.cfg, seed=0)
-    tok = engine.prompt_format.tokenizer
-    r = episodes_to_rollout(episodes, list(range(8)), list(range(8)), 0, tok.pad_token_id, tok)
-    assert sum(e.turns for e in episodes) > len(episodes)            # several turns ran
-    with torch.no_grad():
-        learner = completion_forward(load_causal_lm(llama), r.prompt_ids, r.prompt_mask, r.completion_ids,
-                                     r.completion_mask, temperature=1.0)["logprobs"]
-    m = r.loss_mask
-    assert (~m & r.completion_mask).sum() > 0                        # observations are in the sequence, masked
-    assert (learner - r.logprobs).abs()[m].max().item() < 1e-4
-    obs = tok(" Result: 42.", add_special_tokens=False)["input_ids"]
-    for e in episodes:
-        for k in range(len(e.ids) - len(obs) + 1):
-            if e.ids[k:k + len(obs)] == obs and not any(e.loss_mask[k:k + len(obs)]):
-                break
-        else:
-            assert e.turns == 1, e.stop_reason                      # only a one-turn episode has no observation
