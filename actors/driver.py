@@ -164,9 +164,7 @@ class Trainer:
         scores, failed = torch.tensor(scored.scores, dtype=torch.float32), torch.tensor(scored.failed)
         shaped = shape_scores(scores, failed, self.reward_moments, self.cfg.reward.clip)
         batch = TrainBatch(rollout=rollout, scores=shaped, score_failed=failed)
-        stats = {"reward/mean": scores.mean().item(), "reward/std": scores.std().item() if N > 1 else 0.0,
-                 "reward/failed": int(failed.sum()),
-                 "reward/solved_groups": _solved_fraction(scores, rollout.group_ids)}
+        stats = _reward_stats(scores, failed, rollout.group_ids)
         if shaped is not scores:       # what the advantages see, after normalising / clipping
             stats["reward/shaped_mean"] = shaped.mean().item()
         self.report_reward_failures(scored.errors, int(failed.sum()), N)
@@ -330,16 +328,20 @@ def score_episodes(rollout: Rollout) -> tuple[TrainBatch, dict[str, float]]:
     scores = rollout.token_rewards.sum(1)                                          # (N,)
     failed = torch.tensor([s in FAILED_STOPS for s in rollout.stop_reasons])
     N, counts = len(scores), rollout.episode_counts.float()
-    stats = {"reward/mean": scores.mean().item(), "reward/std": scores.std().item() if N > 1 else 0.0,
-             "reward/failed": int(failed.sum()), "reward/solved_groups": _solved_fraction(scores, rollout.group_ids),
-             "env/turns": counts[:, 0].mean().item(), "env/tool_calls": counts[:, 1].mean().item(),
-             "env/tool_errors": counts[:, 2].mean().item()}
+    stats = {**_reward_stats(scores, failed, rollout.group_ids), "env/turns": counts[:, 0].mean().item(),
+             "env/tool_calls": counts[:, 1].mean().item(), "env/tool_errors": counts[:, 2].mean().item()}
     stats.update({f"env/stop/{reason}": sum(s == reason for s in rollout.stop_reasons) / N for reason in STOP_REASONS})
     batch = TrainBatch(rollout=rollout, scores=scores, score_failed=failed)
     if failed.any():
         batch = batch.keep_rows(~failed)
         stats["reward/dropped"] = int(failed.sum())
     return batch, stats
+
+
+def _reward_stats(scores: torch.Tensor, failed: torch.Tensor, group_ids: torch.Tensor) -> dict[str, float]:
+    """A step's reward figures from (N,) scores, (N,) failed flags and (N,) group ids."""
+    return {"reward/mean": scores.mean().item(), "reward/std": scores.std().item() if len(scores) > 1 else 0.0,
+            "reward/failed": int(failed.sum()), "reward/solved_groups": _solved_fraction(scores, group_ids)}
 
 
 def _solved_fraction(scores: torch.Tensor, group_ids: torch.Tensor) -> float:

@@ -44,6 +44,16 @@ class Registry(Generic[T]):
         self.get(name)
         return self._meta[name]
 
+    def resolve(self, spec: str, error: type[Exception], form: str = "module:name") -> T:
+        """A registered name, or `package.module:name` importable from the working directory (a user's own);
+        anything else raises `error` naming the spec and the registered names."""
+        if spec in self._items:
+            return self._items[spec]
+        if ":" not in spec:
+            raise error(f"{self.kind} {spec!r} is not registered ({', '.join(self.names())}) and is not of the "
+                        f"form {form}")
+        return import_attribute(spec, self.kind, error)
+
     def names(self) -> list[str]:
         return sorted(self._items)
 

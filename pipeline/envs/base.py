@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Union
 
 from pipeline.errors import UserInputError
-from pipeline.registry import Registry, import_attribute
+from pipeline.registry import Registry
 
 Observation = Union[str, list]     # text, or chat messages [{role, content}]
 
@@ -54,12 +54,7 @@ class EnvironmentLoadError(UserInputError):
 
 def resolve_environment(spec: str) -> Callable[[], Any]:
     """The factory `spec` names: a registered environment, or `module:Class` from the working directory."""
-    if spec in ENVIRONMENTS:
-        return ENVIRONMENTS.get(spec)
-    if ":" not in spec:
-        raise EnvironmentLoadError(f"environment {spec!r} is not registered ({', '.join(ENVIRONMENTS.names())}) and "
-                                   "is not of the form module:Class")
-    factory = import_attribute(spec, "environment", EnvironmentLoadError)
+    factory = ENVIRONMENTS.resolve(spec, EnvironmentLoadError, "module:Class")
     missing = [m for m in ("reset", "step") if not callable(getattr(factory, m, None))]
     if inspect.isclass(factory) and missing:
         raise EnvironmentLoadError(f"environment {spec!r}: class {factory.__name__} has no {' or '.join(missing)} "

