@@ -137,9 +137,14 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from actors.demo import PREFERENCE_PPO_STEPS, RL_STEPS, SFT_STEPS, given_or_default, run_demo, run_preference_demo
+    from actors.demo import (PREFERENCE_PPO_STEPS, RL_STEPS, SFT_STEPS, TOOLS_RL_STEPS, TOOLS_SEED, TOOLS_SFT_STEPS,
+                             given_or_default, run_demo, run_preference_demo, run_tools_demo)
 
-    if args.task == "preference":
+    if args.task == "tools":
+        rl_minutes, rl_steps = given_or_default(args.rl_minutes, args.rl_steps, TOOLS_RL_STEPS)
+        run_tools_demo(args.out or "runs/tools", seed=TOOLS_SEED if args.seed is None else args.seed,
+                       rl_minutes=rl_minutes, rl_steps=rl_steps, sft_steps=args.sft_steps or TOOLS_SFT_STEPS)
+    elif args.task == "preference":
         ppo_minutes, ppo_steps = given_or_default(args.rl_minutes, args.rl_steps, PREFERENCE_PPO_STEPS)
         run_preference_demo(args.out or "runs/preference", ppo_minutes=ppo_minutes, ppo_steps=ppo_steps,
                             seed=args.seed or 0)
@@ -216,26 +221,29 @@ def build_parser(extra_commands: Optional[dict[str, Callable]] = None) -> argpar
     p.add_argument("--n", type=int, default=500, help="rows to evaluate (default 500)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="completion cap (default 8)")
     p.set_defaults(fn=cmd_eval)
-    p = sub.add_parser("demo", help="the local demos: arithmetic (warm start, GRPO and PPO, supervised baseline) "
-                       "or preference (SFT, reward model, PPO against it)")
-    p.add_argument("--task", default="arithmetic", choices=("arithmetic", "preference"),
+    p = sub.add_parser("demo", help="the local demos: arithmetic (warm start, GRPO and PPO, supervised baseline), "
+                       "preference (SFT, reward model, PPO against it) or tools (an agent with a lookup tool)")
+    p.add_argument("--task", default="arithmetic", choices=("arithmetic", "preference", "tools"),
                    help="arithmetic: RL from a verifier vs more supervised training; preference: DeepSpeed-Chat's "
-                   "three steps against a hidden judge (default arithmetic)")
-    p.add_argument("--out", default=None, help="demo folder (default runs/demo, runs/preference)")
+                   "three steps against a hidden judge; tools: multi-turn tool use, RL through the environment vs "
+                   "more supervised training on the demonstrated episodes (default arithmetic)")
+    p.add_argument("--out", default=None, help="demo folder (default runs/demo, runs/preference, runs/tools)")
     p.add_argument("--algos", default="grpo,ppo", help="comma-separated presets to train (default grpo,ppo)")
     p.add_argument("--rl-minutes", type=float, default=None,
                    help="RL time budget per algorithm instead of the default steps")
     p.add_argument("--rl-steps", type=int, default=None,
-                   help="RL steps per algorithm (default 500; the preference demo's PPO 150): the same run on any "
+                   help="RL steps per algorithm (default 500; the preference demo's PPO 150, the tools demo's GRPO "
+                   "100): the same run on any "
                    "machine, where minutes buy ~2.5x more or fewer steps by machine (with --rl-minutes too, "
                    "whichever ends first)")
     p.add_argument("--seed", type=int, default=None,
-                   help="seed of data, models and training (default: arithmetic 1, the measured one; preference 0)")
+                   help="seed of data, models and training (default: arithmetic 1, the measured one; preference and "
+                   "tools 0)")
     p.add_argument("--sft-minutes", type=float, default=None,
                    help="the baseline's continued supervised training in minutes, instead of the default steps; 0 "
                    "skips it")
     p.add_argument("--sft-steps", type=int, default=None,
-                   help="the baseline's budget in supervised steps (default 2000)")
+                   help="the baseline's budget in supervised steps (default 2000; the tools demo's 1000)")
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("config", help="print the resolved config, or the field reference with --doc")
     p.add_argument("--config", "-c", help="YAML file or preset name")

@@ -40,6 +40,9 @@ class StageTimer:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
+EVAL_SEED_OFFSET = 10 ** 9     # held-out sampling draws seeds no training step uses
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, pools, train_table, eval_table, tracker, console):
         from pipeline.data.prompt_table import PromptSampler
@@ -47,8 +50,10 @@ class Trainer:
         self.cfg, self.pools, self.tracker, self.console = cfg, pools, tracker, console
         self.sampler = PromptSampler(train_table, cfg.rollout.prompts_per_step, cfg.data.seed)
         self.extra_columns = [c for c in train_table.column_names if c != cfg.data.prompt_column]
+        # by reward: an environment's episodes, or sampled completions of held-out rows without an answer column
+        self.eval_by_reward = bool(cfg.env.name) or (eval_table is not None and "answer" not in eval_table.column_names)
         self.eval_rows = self._eval_rows(eval_table)
-        self.eval_key = "eval/success" if cfg.env.name else "eval/accuracy"     # evaluate()'s headline figure
+        self.eval_key = "eval/success" if self.eval_by_reward else "eval/accuracy"     # evaluate()'s headline figure
         self.eval_metrics: dict[str, float] = {}                                 # the last evaluation's others
         self.learners = LearnerGroup(pools.learners, learners_sharded(cfg))
         self.weights = WeightSync(cfg, self.learners, pools.generators, self._gather)
@@ -66,7 +71,7 @@ class Trainer:
     def _eval_rows(self, table):
         if table is None:
             return None
-        if self.cfg.env.name:                  # episodes: whole rows, as the environment's reset takes them
+        if self.eval_by_reward:                # episodes: whole rows, as the environment's reset takes them
             return table.to_pylist()
         return table.column(self.cfg.data.prompt_column).to_pylist(), [str(a) for a in table.column("answer").to_pylist()]
 
@@ -132,9 +137,9 @@ class Trainer:
         calls = self.generation_calls(rows, self.step_count)
         return concat_rollouts(self._gather(calls, self.weights.restore_generator))
 
-    def generation_calls(self, rows: list[dict], step: int) -> list[ShardCall]:
-        """G completions of each row, rows sharded over the generators; `step` seeds the sampling."""
-        G, pc = self.cfg.rollout.samples_per_prompt, self.cfg.data.prompt_column
+    def generation_calls(self, rows: list[dict], step: int, samples: int | None = None) -> list[ShardCall]:
+        """G (or `samples`) completions of each row, rows sharded over the generators; `step` seeds the sampling."""
+        G, pc = samples or self.cfg.rollout.samples_per_prompt, self.cfg.data.prompt_column
         calls = []
         for gen, prompt_range in zip(self.pools.generators, split_indices(len(rows), len(self.pools.generators))):
             if not prompt_range:
@@ -154,13 +159,8 @@ class Trainer:
         Episodes of an environment come scored by it (`score_episodes`)."""
         if rollout.token_rewards is not None:
             return score_episodes(rollout)
-        G, N, pc = self.cfg.rollout.samples_per_prompt, len(rollout.prompts), self.cfg.data.prompt_column
-        prompts = [rows[i // G][pc] for i in range(N)]
-        columns = {c: [rows[i // G][c] for i in range(N)] for c in self.extra_columns}
-        calls = [ShardCall(scorer, "score_shard", (list(r), prompts[r.start:r.stop], rollout.completions[r.start:r.stop],
-                                                   {c: v[r.start:r.stop] for c, v in columns.items()}))
-                 for scorer, r in zip(self.pools.scorers, split_indices(N, len(self.pools.scorers))) if r]
-        scored = merge_scored_shards(N, self._gather(calls))        # raises unless each sample scored once
+        N = len(rollout.prompts)
+        scored = self.score_samples(rows, rollout, self.cfg.rollout.samples_per_prompt)
         scores, failed = torch.tensor(scored.scores, dtype=torch.float32), torch.tensor(scored.failed)
         shaped = shape_scores(scores, failed, self.reward_moments, self.cfg.reward.clip)
         batch = TrainBatch(rollout=rollout, scores=shaped, score_failed=failed)
@@ -177,6 +177,17 @@ class Trainer:
             batch = batch.keep_rows(~failed)
             stats["reward/dropped"] = int(failed.sum())
         return batch, stats
+
+    def score_samples(self, rows: list[dict], rollout: Rollout, G: int):
+        """The rollout's completions (G per row, in order) scored on the scorers, shards resent if one dies;
+        raises unless each sample was scored exactly once. -> ScoredShard of the whole rollout."""
+        N, pc = len(rollout.prompts), self.cfg.data.prompt_column
+        prompts = [rows[i // G][pc] for i in range(N)]
+        columns = {c: [rows[i // G][c] for i in range(N)] for c in self.extra_columns if c in rows[0]}
+        calls = [ShardCall(scorer, "score_shard", (list(r), prompts[r.start:r.stop], rollout.completions[r.start:r.stop],
+                                                   {c: v[r.start:r.stop] for c, v in columns.items()}))
+                 for scorer, r in zip(self.pools.scorers, split_indices(N, len(self.pools.scorers))) if r]
+        return merge_scored_shards(N, self._gather(calls))
 
     def report_reward_failures(self, errors: dict[str, str], failed: int, n: int) -> None:
         """Print a function's first failure once, when at least `REPORT_FAILED_SHARE` of a step's samples
@@ -231,12 +242,13 @@ class Trainer:
             gamma=a.gamma, lam=a.lam, scale_by_std=a.scale_by_std, token_penalty=penalty))
 
     def evaluate(self) -> float | None:
-        """Greedy exact match on the held-out prompts, sharded over the generators; with an environment, the
-        held-out episodes' success rate (`evaluate_episodes`)."""
+        """Greedy exact match on the held-out prompts, sharded over the generators; by reward, the held-out
+        episodes' success rate (`evaluate_episodes`), or without an environment the sampled completions'
+        (`evaluate_samples`, rows without an answer column)."""
         if self.eval_rows is None:
             return None
-        if self.cfg.env.name:
-            return self.evaluate_episodes()
+        if self.eval_by_reward:
+            return self.evaluate_episodes() if self.cfg.env.name else self.evaluate_samples()
         prompts, answers = self.eval_rows
         max_new = self.cfg.rollout.eval_max_new_tokens or self.cfg.rollout.max_new_tokens
         gens = self.pools.generators
@@ -254,6 +266,23 @@ class Trainer:
                  for g, s in zip(gens, split_indices(len(rows), len(gens))) if s]
         per_row = [row for shard in self._gather(calls, self.weights.restore_generator) for row in shard]
         self.eval_metrics = episode_eval_metrics(per_row, env.success_reward)
+        return self.eval_metrics.pop("eval/success")
+
+    def evaluate_samples(self) -> float:
+        """A single-turn run's held-out rows without an answer: env.eval_samples completions of each, sampled as
+        training samples are and scored by the scorers (reward functions and models, unshaped) -> eval/success,
+        eval/pass_at_<k> and eval/mean_reward (`episode_eval_metrics`, each completion a one-turn episode)."""
+        from pipeline.rollout.agent import episode_eval_metrics
+
+        k, rows = self.cfg.env.eval_samples, self.eval_rows
+        rollout = concat_rollouts(self._gather(self.generation_calls(rows, EVAL_SEED_OFFSET + self.step_count, k),
+                                               self.weights.restore_generator))
+        scored = self.score_samples(rows, rollout, k)
+        lengths = rollout.completion_mask.sum(1).tolist()
+        samples = [(None if failed else score, "length" if n >= self.cfg.rollout.max_new_tokens else "stop", 1, 0)
+                   for score, failed, n in zip(scored.scores, scored.failed, lengths)]
+        self.eval_metrics = episode_eval_metrics([samples[i * k:(i + 1) * k] for i in range(len(rows))],
+                                                 self.cfg.env.success_reward)
         return self.eval_metrics.pop("eval/success")
 
     def _gather(self, calls: list[ShardCall], restore=None) -> list:

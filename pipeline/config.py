@@ -61,9 +61,11 @@ class ModelConfig:
 class DataConfig:
     train_path: str = F("runs/demo/data/train.parquet", "RL prompt pool: Parquet or JSON lines with a prompt "
                         "column plus any columns the reward functions read (e.g. `answer`).")
-    eval_path: Optional[str] = F("runs/demo/data/eval.parquet", "Held-out prompts with an `answer` column for "
-                                 "exact-match evaluation (with env.name: any rows, evaluated as episodes by reward); "
-                                 "null disables evaluation.")
+    eval_path: Optional[str] = F("runs/demo/data/eval.parquet", "Held-out prompts. With an `answer` column (and "
+                                 "no env.name): greedy exact match. Without one, or with env.name: any rows carrying "
+                                 "what the reward reads, evaluated by reward (env.eval_samples sampled episodes or "
+                                 "completions each: eval/success, eval/pass_at_<k>, eval/mean_reward). null disables "
+                                 "evaluation.")
     prompt_column: str = F("prompt", "Name of the prompt column in both files: text, or chat messages (a list of "
                            "{role, content}) that the tokenizer's chat template renders.")
     chat_template: bool = F(False, "Render text prompts as one user message with the tokenizer's chat template "

@@ -102,3 +102,7 @@ def test_a_single_turn_reward_function_is_the_one_step_environment():
     assert env.step("4") == StepResult(reward=1.0, done=True)
     env.reset({"prompt": "2+3=", "answer": "5"}, seed=0)
     assert env.step("4").reward == 0.0
+    weighted = resolve_environment("reward_functions")(functions=("exact_match", "format_number"), weights=[2.0, 0.5])
+    weighted.reset({"prompt": "2+2=", "answer": "4"}, seed=0)
+    assert weighted.step("4").reward == 2.0 * 1.0 + 0.5 * 1.0
+

@@ -23,10 +23,17 @@ def run_args(task, out, *extra):
 
 @pytest.mark.slow
 def test_reward_rises_params_change_and_workers_sync(tiny_task, tmp_path, ray_local):
+    """Also: a held-out file without an `answer` column is evaluated by the reward functions (k sampled
+    completions per prompt), and the held-out mean reward rises with the training reward."""
+    import pyarrow.parquet as pq
+
     out = tmp_path / "learn"
+    prompts_only = tmp_path / "eval_prompts.parquet"
+    pq.write_table(pq.read_table(tiny_task["data"]["eval"], columns=["prompt"]), prompts_only)
     cfg = load_config("grpo", run_args(tiny_task, out, "reward.functions=[tests.rewards_for_tests:sevens]",
                                        "learner.lr=1e-2", "train.steps=15", "train.time_budget_s=null",
-                                       "train.eval_every=5", "checkpoint.every=0"))
+                                       "train.eval_every=5", "checkpoint.every=0", f"data.eval_path={prompts_only}",
+                                       "env.eval_samples=2"))
     synced = []
 
     def on_step(step, metrics, trainer):
@@ -41,6 +48,9 @@ def test_reward_rises_params_change_and_workers_sync(tiny_task, tmp_path, ray_lo
     rewards = [m.value for m in sorted(client.get_metric_history(summary["mlflow_run_id"], "reward/mean"),
                                        key=lambda m: m.step)]
     assert sum(rewards[-3:]) / 3 > 2 * sum(rewards[:3]) / 3 + 0.05, rewards
+    held_out = sorted(client.get_metric_history(summary["mlflow_run_id"], "eval/mean_reward"), key=lambda m: m.step)
+    assert [m.step for m in held_out] == [0, 5, 10, 15] and held_out[-1].value > held_out[0].value + 0.05, held_out
+    assert summary["final_accuracy"] is not None      # the headline figure is eval/success here
     before = load_file(os.path.join(tiny_task["model"], "model.safetensors"))
     after = load_file(os.path.join(summary["final_model"], "model.safetensors"))
     changed = [k for k in before if not torch.equal(before[k], after[k])]
@@ -63,6 +73,7 @@ class Crash(RuntimeError):
     ("bad_reward", "cannot import module 'no_such_module'"),
     ("too_long", "but the model has 64"),
     ("int_prompts", "prompt 0 is neither text nor a list of {role, content} messages: 12"),
+    ("eval_by_reward_lacks_column", "lacks column(s) answer"),     # exact_match reads it
 ])
 def test_bad_input_one_clear_error_and_no_run_dir(tiny_task, tmp_path, capsys, case, fragment):
     out = tmp_path / "bad"
@@ -88,6 +99,12 @@ def test_bad_input_one_clear_error_and_no_run_dir(tiny_task, tmp_path, capsys, c
 
         pq.write_table(pa.table({"prompt": [12, 13], "answer": ["3", "3"]}), tmp_path / "ints.parquet")
         args.append(f"data.train_path={tmp_path}/ints.parquet")
+    elif case == "eval_by_reward_lacks_column":     # no answer: evaluated by the reward functions, which need one
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"prompt": ["1+2=", "3+4="]}), tmp_path / "no_answers.parquet")
+        args.append(f"data.eval_path={tmp_path}/no_answers.parquet")
     else:
         args.append("reward.functions=[no_such_module:score]")
     assert main(["train", "--config", "grpo", *args]) == 2

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Union
+from typing import Any, Callable, Optional, Protocol, Union
 
 from pipeline.errors import UserInputError
 from pipeline.registry import Registry
@@ -76,12 +76,13 @@ def as_step_result(value: Any) -> StepResult:
 @ENVIRONMENTS.register("reward_functions")
 class RewardFunctionEnv:
     """The single-turn task as an environment: the prompt is the observation, the completion is scored by the
-    reward functions (`reward.functions`' names) on the row's columns, and the episode is done."""
+    reward functions (`reward.functions`' names, weighted) on the row's columns, and the episode is done."""
 
-    def __init__(self, functions: tuple[str, ...] = ("exact_match",), prompt_column: str = "prompt"):
+    def __init__(self, functions: tuple[str, ...] = ("exact_match",), weights: Optional[list[float]] = None,
+                 prompt_column: str = "prompt"):
         from pipeline.rewards.functions import RewardComposer
 
-        self.composer = RewardComposer(list(functions))
+        self.composer = RewardComposer(list(functions), weights)
         self.prompt_column = prompt_column
         self.row: dict = {}
 
