@@ -47,14 +47,19 @@ def read_prompt_table(path, required_columns=("prompt",)) -> pa.Table:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise DataError(f"cannot read prompt file {path}: {first_line}. Make sure it is valid "
                         f"{'Parquet' if suffix == '.parquet' else 'JSON lines (one object per line)'}") from None
-    missing = [c for c in required_columns if c not in table.column_names]
+    require_columns(table, path, required_columns)
+    if table.num_rows == 0:
+        raise DataError(f"prompt file {path} has no rows; give it at least one prompt")
+    return table
+
+
+def require_columns(table: pa.Table, path, columns) -> None:
+    """Raise DataError naming the file, the missing columns and those present, unless `table` has all `columns`."""
+    missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise DataError(f"prompt file {path} lacks column(s) {', '.join(missing)}; columns present: "
                         f"{', '.join(table.column_names) or '(none)'}. Rename the column or point the "
                         "config at the right one")
-    if table.num_rows == 0:
-        raise DataError(f"prompt file {path} has no rows; give it at least one prompt")
-    return table
 
 
 def _is_empty_prompt(prompt) -> bool:
@@ -145,4 +150,4 @@ class PromptSampler:
         self._order = self._permutation(self.epoch)
 
 
-__all__ = ["DataError", "read_prompt_table", "drop_empty_prompts", "default_eval_size", "hold_out", "PromptSampler"]
+__all__ = ["DataError", "read_prompt_table", "require_columns", "drop_empty_prompts", "default_eval_size", "hold_out", "PromptSampler"]

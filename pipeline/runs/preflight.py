@@ -72,7 +72,7 @@ def preflight(cfg: RunConfig, log=print, *, local_actors: bool = True):
     table or None, composer); the tables are what the run trains and evaluates on (after dropping empty
     prompts and any `data.max_prompt_tokens`). local_actors: the actors run on this machine (a local Ray),
     so what this Python imports is what theirs will (vLLM); on a cluster their nodes' packages may differ."""
-    from pipeline.data.prompt_table import DataError, drop_empty_prompts, read_prompt_table
+    from pipeline.data.prompt_table import DataError, drop_empty_prompts, read_prompt_table, require_columns
     from pipeline.models import load_model_config
     from pipeline.rewards.functions import RewardComposer
     from pipeline.rollout import check_backend
@@ -112,7 +112,7 @@ def preflight(cfg: RunConfig, log=print, *, local_actors: bool = True):
                 raise DataError(f"data.eval_path {d.eval_path} has no `answer` column, so it is evaluated by the "
                                 "reward, and reward.functions and reward.models are empty: add an answer column for "
                                 "exact match, or a reward")
-            evaluation = read_prompt_table(d.eval_path, (d.prompt_column, *sorted(columns)))
+            require_columns(evaluation, d.eval_path, sorted(columns))
         evaluation = drop_empty_prompts(evaluation, d.prompt_column, "data.eval_path", d.eval_path, log)
         evaluation = evaluation.slice(0, d.eval_size)
     train, evaluation = check_prompt_lengths(cfg, train, evaluation, log)
