@@ -233,7 +233,7 @@ def build_parser(extra_commands: Optional[dict[str, Callable]] = None) -> argpar
                    help="RL time budget per algorithm instead of the default steps")
     p.add_argument("--rl-steps", type=int, default=None,
                    help="RL steps per algorithm (default 500; the preference demo's PPO 150, the tools demo's GRPO "
-                   "100): the same run on any "
+                   "200): the same run on any "
                    "machine, where minutes buy ~2.5x more or fewer steps by machine (with --rl-minutes too, "
                    "whichever ends first)")
     p.add_argument("--seed", type=int, default=None,

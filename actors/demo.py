@@ -259,7 +259,7 @@ def _report_preference(r: dict) -> None:
 
 # ----------------------------------------------------------------------------- the tools demo
 
-TOOLS_RL_STEPS = 100
+TOOLS_RL_STEPS = 200
 TOOLS_SFT_STEPS = 1000
 TOOLS_SEED = 0
 
@@ -324,7 +324,7 @@ def run_tools_demo(out: str = "runs/tools", seed: int = TOOLS_SEED, rl_minutes: 
         "data.eval_size=200", f"env.name={env.name}", f"env.args={{seed: {seed}}}", f"env.max_turns={env.max_turns}",
         f"env.max_turn_tokens={env.max_turn_tokens}", f"env.max_episode_tokens={env.max_episode_tokens}",
         f"rollout.max_new_tokens={env.max_turn_tokens}", "rollout.prompts_per_step=16",
-        "rollout.samples_per_prompt=8", "learner.lr=1e-4", "train.eval_every=25", "train.eval_every_s=null",
+        "rollout.samples_per_prompt=8", "learner.lr=1e-4", "train.eval_every=50", "train.eval_every_s=null",
         "checkpoint.every=50", f"train.output_dir={out}/grpo", *rl_budget(rl_minutes, rl_steps),
         f"train.seed={seed}", f"tracking.tracking_uri={uri}", "tracking.run_name=tools-grpo"])
     rl = run_training(cfg, overwrite=True)
