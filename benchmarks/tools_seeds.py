@@ -4,10 +4,10 @@ For each seed, `rlpipe demo --task tools --seed S` with its default budgets in s
 GRPO through the environment, more supervised training), into <out>/s<S>; a seed whose `tools_results.json`
 exists is read, not rerun. Prints a markdown table (held-out episode success of the supervised start, of more
 supervised training and of GRPO, overall and on chains of 3 lookups; RL minus more supervised training with the
-eval's noise; tool calls per episode; minutes), the count of seeds where RL ends above more supervised training
+eval's noise; tool calls per episode; minutes) with a last row of means and ranges, the count of seeds where RL ends above more supervised training
 beyond the noise, and plots success per seed to <out>/tools_seeds.png.
 
-    python benchmarks/tools_seeds.py --seeds 0,1,2,3,4 --out runs/tools_seeds     # ~15 min per seed here
+    python benchmarks/tools_seeds.py --seeds 0,1,2,3,4 --out runs/tools_seeds     # ~30 min per seed here
 """
 from __future__ import annotations
 
@@ -41,6 +41,17 @@ def table(rows: list[tuple[int, dict]]) -> str:
                       f"{diff:+.1f} (noise +-{noise:.1f}; {'beyond' if ok else 'NOT beyond'})",
                       f"{r['start']['eval/tool_calls']:.2f} -> {r['rl']['eval/tool_calls']:.2f}",
                       f"{m['total']:.1f} ({m['start']:.1f}, {m['rl']:.1f}, {m['sft']:.1f})"])
+    if len(rows) > 1:
+        def spread(values: list[float], pct: bool = True) -> str:
+            scale, unit = (100, "%") if pct else (1, "")
+            mean = scale * sum(values) / len(values)
+            return f"{mean:.1f}{unit} ({scale * min(values):.0f}-{scale * max(values):.0f})"
+
+        success = lambda key: spread([r[key]["eval/success"] for _, r in rows])  # noqa: E731
+        diffs = [beyond_noise(r)[0] for _, r in rows]
+        lines.append(["mean (range)", success("start"), success("sft"), f"**{success('rl')}**",
+                      f"{sum(diffs) / len(diffs):+.1f} ({min(diffs):+.0f} to {max(diffs):+.0f})", "",
+                      spread([r["minutes"]["total"] for _, r in rows], pct=False)])
     return markdown_table(head, lines)
 
 

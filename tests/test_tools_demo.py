@@ -92,3 +92,6 @@ def test_the_per_seed_table_reports_the_difference_and_its_noise_by_hand():
     assert bench.beyond_noise(r)[2] is False                       # +2 points is inside the noise
     text = bench.table([(0, r)])
     assert "| 0 | 75.0% (50.0%) | 76.0% (52.0%) | **78.0% (55.0%)** | +2.0 (noise +-" in text and "NOT beyond" in text
+    r2 = {**r, "start": m(0.25, 0.1, 2.0), "rl": m(0.9, 0.8, 2.4), "minutes": {**r["minutes"], "total": 20.0}}
+    mean = bench.table([(0, r), (1, r2)]).splitlines()[-1]      # seeds' means and ranges
+    assert mean == "| mean (range) | 50.0% (25-75) | 76.0% (76-76) | **84.0% (78-90)** | +8.0 (+2 to +14) |  | 17.0 (14-20) |"
