@@ -79,15 +79,19 @@ def test_async_run_killed_and_resumed_regenerates_what_was_in_flight(tiny_task, 
 
 
 @pytest.mark.slow
-def test_async_driver_killed_with_sigkill_resumes_every_step_once(tiny_task, tmp_path):
-    """`rlpipe train` (staleness 1) killed with SIGKILL once step 3 is logged, with step 4's batch in flight,
-    then `rlpipe train --resume`: steps 1..6 logged once each, and every step trained the prompt rows the sampler
-    draws for it in an uninterrupted run (the rollouts logged each step): none lost, none trained twice."""
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="the reaper check reads /proc (Linux)")
+def test_async_driver_killed_with_sigkill_leaves_no_process_and_resumes_every_step_once(tiny_task, tmp_path):
+    """`rlpipe train` (staleness 1) killed with SIGKILL once step 3 is logged, with step 4's batch in flight:
+    none of the processes its local Ray started (GCS, raylet, agents, workers) is left behind (Linux: reads
+    /proc). Then `rlpipe train --resume`: steps 1..6 logged once each, and every step trained the prompt rows the
+    sampler draws for it in an uninterrupted run (the rollouts logged each step): none lost, none trained twice."""
     import subprocess
     import sys
     from pathlib import Path
 
     import pyarrow.parquet as pq
+
+    from actors.reaper import _stat, descendants
 
     args = ["train.steps=6", "train.eval_every=6", "checkpoint.every=2", "learner.lr=1e-3",
             "train.log_samples_every=1", *ASYNC]
@@ -101,12 +105,19 @@ def test_async_driver_killed_with_sigkill_resumes_every_step_once(tiny_task, tmp
         for line in driver.stdout:
             seen.append(line)
             if line.startswith("step 3/"):
+                ray_processes = descendants(driver.pid)
                 driver.send_signal(signal.SIGKILL)
                 break
         assert driver.wait(timeout=60) == -signal.SIGKILL, "".join(seen)
     finally:
         if driver.poll() is None:
             driver.kill()
+    assert len(ray_processes) >= 4, ray_processes          # gcs, raylet, agents, workers, the reaper
+    deadline, left = time.monotonic() + 30, ray_processes
+    while left and time.monotonic() < deadline:            # the reaper ends them once the driver is gone
+        time.sleep(0.5)
+        left = {p: s for p, s in left.items() if (_stat(p) or (0, None))[1] == s}
+    assert not left, {p: Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in left if Path(f"/proc/{p}").exists()}
     resumed = subprocess.run([rlpipe, "train", "--resume", str(out)], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "at step 2" in resumed.stdout                  # the last checkpoint before the kill

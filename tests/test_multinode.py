@@ -47,6 +47,18 @@ def make_cluster():
         cluster.shutdown()
 
 
+@pytest.fixture(scope="class")
+def shared_cluster():
+    """One head with 2 CPUs and two worker nodes, shared by tests that kill no node."""
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
+    cluster.wait_for_nodes()
+    yield cluster, workers
+    ray.shutdown()
+    cluster.shutdown()
+
+
 def run_config(task, out, *overrides):
     return load_config("grpo", [
         f"model.path={task['model']}", f"data.train_path={task['data']['train']}",
@@ -70,32 +82,37 @@ def logged_steps(summary, out, key) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(summary["mlflow_run_id"], key))
 
 
-@pytest.mark.parametrize("strategy, gens", [("STRICT_SPREAD", 1), ("SPREAD", 2), ("PACK", 2)])
-def test_actors_land_on_nodes_as_the_placement_strategy_says(tiny_task, tmp_path, make_cluster, strategy, gens):
-    cluster, workers = make_cluster(head_cpus=2)
-    all_nodes = {cluster.head_node.node_id, *(w.node_id for w in workers)}
-    out = tmp_path / strategy
-    cfg = run_config(tiny_task, out, f"resources.placement_strategy={strategy}", f"resources.rollout_workers={gens}",
-                     "resources.reward_scorers=1", "train.steps=2", "train.eval_every=2")
-    seen = {}
+class TestPlacementOnOneSharedCluster:
+    """The three strategies on one cluster: no test here kills a node."""
 
-    def on_step(step, metrics, trainer):
-        if step == 1:
-            table = placement_group_table(trainer.pools.placement_group)
-            seen["bundles"] = [table["bundles_to_node_id"][i] for i in range(len(trainer.pools.bundles))]
-            seen["actors"] = actor_nodes(trainer.pools)
+    @pytest.mark.parametrize("strategy, gens", [("STRICT_SPREAD", 1), ("SPREAD", 2), ("PACK", 2)])
+    def test_actors_land_on_nodes_as_the_placement_strategy_says(self, tiny_task, tmp_path, shared_cluster,
+                                                                 strategy, gens):
+        cluster, workers = shared_cluster
+        all_nodes = {cluster.head_node.node_id, *(w.node_id for w in workers)}
+        out = tmp_path / strategy
+        cfg = run_config(tiny_task, out, f"resources.placement_strategy={strategy}",
+                         f"resources.rollout_workers={gens}", "resources.reward_scorers=1", "train.steps=2",
+                         "train.eval_every=2")
+        seen = {}
 
-    summary = run_training(cfg, address=cluster.address, overwrite=True, on_step=on_step)
-    assert summary["steps"] == 2
-    nodes = [node for _, node in seen["actors"]]
-    assert nodes == seen["bundles"]                         # each actor runs where its bundle was reserved
-    assert set(nodes) <= all_nodes
-    if strategy == "STRICT_SPREAD":                         # learner, generator, scorer: one node each
-        assert len(nodes) == 3 and set(nodes) == all_nodes
-    elif strategy == "SPREAD":                              # 4 actors on 3 nodes: every node used
-        assert set(nodes) == all_nodes
-    else:                                                   # 1.75 CPUs fit on one 2-CPU node
-        assert len(set(nodes)) == 1
+        def on_step(step, metrics, trainer):
+            if step == 1:
+                table = placement_group_table(trainer.pools.placement_group)
+                seen["bundles"] = [table["bundles_to_node_id"][i] for i in range(len(trainer.pools.bundles))]
+                seen["actors"] = actor_nodes(trainer.pools)
+
+        summary = run_training(cfg, address=cluster.address, overwrite=True, on_step=on_step)
+        assert summary["steps"] == 2
+        nodes = [node for _, node in seen["actors"]]
+        assert nodes == seen["bundles"]                         # each actor runs where its bundle was reserved
+        assert set(nodes) <= all_nodes
+        if strategy == "STRICT_SPREAD":                         # learner, generator, scorer: one node each
+            assert len(nodes) == 3 and set(nodes) == all_nodes
+        elif strategy == "SPREAD":                              # 4 actors on 3 nodes: every node used
+            assert set(nodes) == all_nodes
+        else:                                                   # 1.75 CPUs fit on one 2-CPU node
+            assert len(set(nodes)) == 1
 
 
 def node_alive(node_id: str) -> bool:
