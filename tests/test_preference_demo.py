@@ -53,8 +53,8 @@ def test_preference_demo_end_to_end_on_a_small_budget(tmp_path, capsys):
     from actors.demo import run_preference_demo
 
     out = tmp_path / "pref"
-    results = run_preference_demo(str(out), ppo_minutes=None, ppo_steps=6, sft_steps=100, rm_steps=200,
-                                  n_pairs=1000, reward_models=2)
+    results = run_preference_demo(str(out), ppo_minutes=None, ppo_steps=6, sft_steps=60, rm_steps=100,
+                                  n_pairs=600, reward_models=2)
     printed = capsys.readouterr().out
     assert "held-out pairwise accuracy" in printed and "true score" in printed
     saved = json.loads((out / "preference_results.json").read_text())
