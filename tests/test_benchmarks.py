@@ -95,7 +95,7 @@ def test_async_overlap_runs_each_mode_and_reports_its_staleness(tiny_task, tmp_p
     os.symlink(tiny_task["model"], warm / "warm")
     for split in ("train", "eval"):
         os.symlink(tiny_task["data"][split], warm / "data" / f"{split}.parquet")
-    summary = bench.main(["--warm", str(warm), "--minutes", "0.25", "--staleness", "0,1", "--eval-every-s", "5",
+    summary = bench.main(["--warm", str(warm), "--minutes", "0.1", "--staleness", "0,1", "--eval-every-s", "2",
                           "--eval-size", "20", "--out", str(tmp_path / "out")])
     sync, stale = summary["rows"]
     assert (sync["max_staleness_seen"], stale["max_staleness_seen"]) == (0, 1)
