@@ -1,7 +1,9 @@
-"""benchmarks/rollout_scaling.py: the worker resources it assigns and a tiny end-to-end sweep."""
+"""The benchmarks' own code: rollout scaling, learner memory, async overlap and the GPU check, each at a toy size."""
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -103,3 +105,27 @@ def test_async_overlap_runs_each_mode_and_reports_its_staleness(tiny_task, tmp_p
     table = (tmp_path / "out" / "async_overlap.md").read_text()
     assert "| synchronous | 1 |" in table and "| async, staleness 1 | 1 |" in table
     assert (tmp_path / "out" / "async_overlap.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_section_but_vllm_at_a_toy_shape_and_keeps_its_ratios_within_the_limits(tmp_path):
+    """The GPU check's own code on this CPU (its sections fall back to float32 and gloo), in a process of its own:
+    its shard section makes a default process group, which must not outlive it in the test process."""
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, os.path.join(BENCHMARKS, "gpu_check.py"), "--shape", "tiny", "--threads", "1",
+                    "--sections", "peaks,rollout,learner,shard,sync", "--out", str(out)], check=True, timeout=600)
+    results = json.loads((out / "gpu_check.json").read_text())
+    sec = results["sections"]
+    assert list(sec) == ["peaks", "rollout", "learner", "shard", "sync"]
+    assert not [name for name, figures in sec.items() if "error" in figures]
+    assert sec["peaks"]["matmul_tflops"] > 0 and sec["peaks"]["bandwidth_gbs"] > 0
+    hf = sec["rollout"]["hf"]
+    assert 0 < hf["tokens_per_sample"] <= results["shape"]["new_tokens"] and 0 < hf["of_bound"] < 1
+    assert 0 < sec["learner"]["mfu_of_measured_peak"] < 1 and sec["learner"]["trained_tokens_per_s"] > 0
+    shard = sec["shard"]
+    assert shard["replicated"]["policy_and_critic_parameters"] == shard["sharded"]["policy_and_critic_parameters"]
+    sync = sec["sync"]
+    assert sync["broadcast_backend"] == "gloo" and sync["broadcast_intact"] is True
+    assert sync["gib"] >= sec["rollout"]["weight_gib"] and sync["object_store_s_per_gib"] > 0
+    table = (out / "gpu_check.md").read_text()
+    assert "| hf |" in table and "PPO step with a separate critic" in table and "gloo broadcast" in table
