@@ -211,8 +211,10 @@ class EngineSettings:
     max_grad_norm: float = F(1.0, "Gradient clipping by global norm; 0 = off. A non-finite norm skips that "
                              "optimizer step (counted in optim/skipped_steps).", lo=0.0)
     micro_batch_tokens: int = F(0, "Token budget of one forward/backward pass: a learner's share of a minibatch "
-                                "is split into micro-batches of at most this many tokens (rows x padded length) "
-                                "and their gradients accumulated, exactly; 0 = one pass.", lo=0)
+                                "is split into micro-batches of at most this many tokens and their gradients "
+                                "accumulated, exactly; 0 = one pass. Tokens are rows x padded length, except in "
+                                "RL's learner, where compute follows real tokens: rows go longest first, and a "
+                                "pass drops the columns none of its rows uses.", lo=0)
     gradient_checkpointing: bool = F(False, "Recompute activations in the backward pass (less memory, ~30% more "
                                      "compute).")
     parallel: str = F("replicate", "How K > 1 data-parallel learners (RL: resources.learners; the supervised "

@@ -261,6 +261,25 @@ def left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def used_columns(prompt_mask: torch.Tensor, completion_mask: torch.Tensor) -> tuple[int, int]:
+    """(first prompt column, completion columns) that hold some row's real token: the columns before the
+    first (prompts are left-padded) and after the second (completions are right-padded) hold padding in every
+    row, so a forward can drop them and lose nothing. At least the last prompt column (it predicts the first
+    completion token) and one completion column are kept."""
+    P = prompt_mask.shape[1]
+    used_p = prompt_mask.any(0).nonzero()
+    used_t = completion_mask.any(0).nonzero()
+    first = min(int(used_p[0]) if len(used_p) else P - 1, P - 1)
+    return first, max(int(used_t[-1]) + 1 if len(used_t) else 0, 1)
+
+
+def pad_columns(x: torch.Tensor, width: int) -> torch.Tensor:
+    """(n, t, ...) -> (n, width, ...): zeros after the first t columns (positions a trimmed forward dropped)."""
+    if x.shape[1] == width:
+        return x
+    return torch.cat([x, x.new_zeros((x.shape[0], width - x.shape[1], *x.shape[2:]))], dim=1)
+
+
 def completion_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                        completion_ids: torch.Tensor, completion_mask: torch.Tensor,
                        temperature: float = 1.0, want_entropy: bool = False, entropy_grad: bool = False,
@@ -273,7 +292,13 @@ def completion_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
              an (n, T, V) softmax for the backward pass), "hidden": (n, T, H) last hidden state at the
              position that predicts each completion token (if want_hidden; input for a value head)}.
     Values at masked positions are meaningless but finite, also where the model gives a token -inf.
+    The pass runs only over the columns some row uses (`used_columns`): compute follows the real tokens of
+    these rows, and the columns it dropped come back as zeros.
     """
+    T_full = completion_ids.shape[1]
+    first, width = used_columns(prompt_mask, completion_mask)
+    prompt_ids, prompt_mask = prompt_ids[:, first:], prompt_mask[:, first:]
+    completion_ids, completion_mask = completion_ids[:, :width], completion_mask[:, :width]
     P, T = prompt_ids.shape[1], completion_ids.shape[1]
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)                   # (n, P+T)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).long()     # (n, P+T)
@@ -296,11 +321,11 @@ def completion_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
                     result["entropy"] = torch.stack([entropy_from_logits(row, temperature) for row in detached])
     if want_hidden:
         result["hidden"] = out.hidden_states[-1][:, P - 1:P + T - 1]             # (n, T, H)
-    return result
+    return {k: pad_columns(v, T_full) for k, v in result.items()}
 
 
 __all__ = [
     "DTYPES", "ModelLoadError", "ValueModel", "check_model_path", "load_model_config", "zero_dropout",
     "load_tokenizer", "load_causal_lm", "values_from_hidden", "new_value_head", "left_padded_positions",
-    "completion_forward",
+    "used_columns", "pad_columns", "completion_forward",
 ]

@@ -343,6 +343,71 @@ def test_micro_batches_accumulate_to_the_one_pass_gradient(bpe_task):
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-7, msg=k)
 
 
+def test_micro_batches_pack_rows_longest_first_by_the_width_their_chunk_keeps():
+    """Hand-computed: rows' (prompt, completion) real tokens; a chunk's width is its longest prompt plus its
+    longest completion, and rows x width stays within the budget (16)."""
+    from pipeline.trainers.engine import pack_by_width
+
+    spans = torch.tensor([[2, 1], [3, 4], [1, 1], [2, 6], [3, 0]])     # totals 3, 7, 2, 8, 3
+    chunks = pack_by_width(torch.arange(5), spans, 16)
+    # row 3 (width 8); rows 1, 0 (width 3 + 4, x2 = 14; row 4 would make 3 x 7 = 21); rows 4, 2 (2 x (3 + 1))
+    assert [c.tolist() for c in chunks] == [[3], [1, 0], [4, 2]]
+    assert [c.tolist() for c in pack_by_width(torch.tensor([4, 2]), spans, 16)] == [[4, 2]]   # a subset of rows
+    assert [c.tolist() for c in pack_by_width(torch.arange(5), spans, 1)] == [[3], [1], [0], [4], [2]]
+
+
+def test_a_forward_over_the_used_columns_equals_the_fully_padded_forward(bpe_task):
+    """Compute follows real tokens: `completion_forward` drops the columns no row uses (here 3 more prompt
+    padding columns and 2 more completion ones than the rollout has) and gives back zeros there; at every real
+    completion token its log-prob, entropy and hidden state are the fully padded forward's."""
+    from pipeline.models import completion_forward, left_padded_positions, load_causal_lm, used_columns
+
+    cfg = bpe_config(bpe_task)
+    r = scored_batch(cfg).rollout
+    model = load_causal_lm(cfg.model.path, dtype="float32", device="cpu", disable_dropout=True).eval()
+    n, T = r.completion_ids.shape
+    pids = torch.cat([torch.full((n, 3), 7), r.prompt_ids], 1)
+    pmask = torch.cat([torch.zeros(n, 3, dtype=torch.bool), r.prompt_mask], 1)
+    cids = torch.cat([r.completion_ids, torch.full((n, 2), 7)], 1)
+    cmask = torch.cat([r.completion_mask, torch.zeros(n, 2, dtype=torch.bool)], 1)
+    first, width = used_columns(r.prompt_mask, r.completion_mask)
+    assert used_columns(pmask, cmask) == (first + 3, width) and width <= T
+    with torch.no_grad():
+        got = completion_forward(model, pids, pmask, cids, cmask, want_entropy=True, want_hidden=True)
+        ids, mask = torch.cat([pids, cids], 1), torch.cat([pmask, cmask], 1).long()        # every column
+        out = model(input_ids=ids, attention_mask=mask, position_ids=left_padded_positions(mask),
+                    output_hidden_states=True, use_cache=False)
+        P = pids.shape[1]
+        logits = out.logits[:, P - 1:P + T + 1]
+        want_lp = torch.log_softmax(logits.float(), -1).gather(-1, cids.unsqueeze(-1)).squeeze(-1)
+        probs = torch.softmax(logits.float(), -1)
+        want_entropy = -(probs * torch.log_softmax(logits.float(), -1)).sum(-1)
+        want_hidden = out.hidden_states[-1][:, P - 1:P + T + 1]
+    real = cmask
+    assert got["logprobs"].shape == (n, T + 2) and got["hidden"].shape[:2] == (n, T + 2)
+    torch.testing.assert_close(got["logprobs"][real], want_lp[real], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got["entropy"][real], want_entropy[real], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got["hidden"][real], want_hidden[real], rtol=1e-4, atol=1e-5)
+    for k in ("logprobs", "entropy", "hidden"):            # the dropped columns come back as zeros
+        assert not got[k][:, width:].any(), k
+
+
+def test_rollout_forward_packed_by_length_gives_each_row_its_own_values_and_logprobs(bpe_task):
+    """Packed micro-batches go longest first; the learner's rollout-time pass hands back every row's critic
+    values and log pi_old in the rollout's order, as one unbudgeted pass gives them."""
+    batch = scored_batch(bpe_config(bpe_task, preset="ppo"))
+    n, T = batch.rollout.completion_ids.shape             # the untrained model samples to the cap: cut rows short
+    cut = torch.arange(T)[None] < (1 + torch.arange(n) % T)[:, None]
+    batch.rollout = dataclasses.replace(batch.rollout, completion_mask=batch.rollout.completion_mask & cut)
+    outs = [PolicyLearner(dataclasses.replace(cfg := bpe_config(bpe_task, f"learner.micro_batch_tokens={budget}",
+                                                                preset="ppo"),
+                                              model=dataclasses.replace(cfg.model, dtype="float32"))
+                          ).rollout_forward(batch.rollout, old_logprobs=True) for budget in (0, 40)]
+    mask = batch.rollout.completion_mask
+    for k in ("values", "old_logprobs"):
+        torch.testing.assert_close(outs[1][k][mask], outs[0][k][mask], rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_gradient_checkpointing_gives_the_same_gradient(bpe_task):
     batch = scored_batch(bpe_config(bpe_task))
     from pipeline.models import activation_checkpointing_on

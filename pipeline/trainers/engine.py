@@ -10,9 +10,11 @@ What it owns, so that no trainer has to get it right again:
   Generators and the reference hold their own copy in the compute dtype: `export_state` casts for them.
 - **One step for every trainer** (`train_step`): set the lr, micro-batches, autocast, backward, step; the
   trainer passes its loss and each micro-batch's weight.
-- **Micro-batches.** `micro_batches` splits rows so that rows x padded length stays within a token
-  budget; the trainer weighs each micro-batch's loss by its share of the whole minibatch (`shard_weight`),
-  so accumulated gradients equal one pass over the minibatch.
+- **Micro-batches.** `micro_batches` splits rows so that rows x length stays within a token budget: the
+  padded length, or, given each row's real tokens, the width its chunk keeps once the forward drops the
+  columns no row of it uses (rows go longest first, so compute follows real tokens); the trainer weighs
+  each micro-batch's loss by its share of the whole minibatch (`shard_weight`), so accumulated gradients
+  equal one pass over the minibatch.
 - **Gradient checkpointing** (HF's, non-reentrant): activations recomputed in backward.
 - **Data parallel.** Gradients are summed over the learners' process group before clipping, so K learners
   take the step one learner would take (`pipeline.collective.all_reduce_grads`).
@@ -84,6 +86,21 @@ def shard_model(model: nn.Module, mesh, mp=None, cpu_offload: bool = False, *ext
             fully_shard(top, **kw)
     gc.collect()                                 # the whole unsharded weights go now, not at some later sweep
     return [m for top in (model, *extra) for m in top.modules() if isinstance(m, FSDPModule)]
+
+
+def pack_by_width(rows: torch.Tensor, spans: torch.Tensor, budget: int) -> list[torch.Tensor]:
+    """`rows`, longest first (prompt + completion tokens in `spans`, (N, 2) by row id), in chunks that each take
+    rows while len(chunk) x (longest prompt + longest completion in it) <= budget (at least one row)."""
+    order = rows[torch.argsort(spans[rows].sum(1), descending=True, stable=True)]
+    chunks, start, widest_p, widest_t = [], 0, 0, 0
+    for i, row in enumerate(order.tolist()):
+        p, t = max(widest_p, int(spans[row, 0])), max(widest_t, int(spans[row, 1]))
+        if i > start and (i - start + 1) * (p + t) > budget:
+            chunks.append(order[start:i])
+            start, p, t = i, int(spans[row, 0]), int(spans[row, 1])
+        widest_p, widest_t = p, t
+    chunks.append(order[start:])
+    return chunks
 
 
 def held_parameters(module: nn.Module) -> tuple[int, int]:
@@ -187,15 +204,29 @@ class TrainEngine:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
 
-    def micro_batches(self, rows: torch.Tensor, length: int, most: Optional[int] = None) -> list[torch.Tensor]:
-        """Split `rows` (1-D) of sequences padded to `length` tokens into consecutive chunks of at most
-        micro_batch_tokens // length rows (at least one); one chunk when there is no budget.
+    def micro_batches(self, rows: torch.Tensor, length: int, most: Optional[int] = None,
+                      spans: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+        """Split `rows` (1-D) of sequences padded to `length` tokens into chunks that stay within the
+        micro_batch_tokens budget; one chunk when there is no budget.
+
+        spans: None, or (N, 2) real (prompt, completion) tokens of every row (indexed by row id). Without it,
+        chunks are consecutive, micro_batch_tokens // length rows each (at least one). With it, compute follows
+        real tokens: rows go longest first, and a chunk takes rows while rows x (its longest prompt + its
+        longest completion) stays within the budget, the width the forward keeps once it drops the columns
+        that hold no chunk row's real token (`pipeline.models.used_columns`). Such a chunk holds at least
+        as many rows as a padded one, so no more chunks come out.
 
         most: the largest number of rows any rank holds in this pass. A sharded engine pads the list with
-        empty chunks to the count that many rows would take (at least one), so that every rank runs as many
-        forwards and backwards as the others: the trainer runs an empty chunk on any row, with weight 0."""
+        empty chunks to the count that many rows would take at the padded length (at least one), so that every
+        rank runs as many forwards and backwards as the others: the trainer runs an empty chunk on any row,
+        with weight 0."""
         per_chunk = max(1, self.micro_batch_tokens // max(1, length)) if self.micro_batch_tokens else None
-        chunks = list(rows.split(per_chunk or max(1, len(rows)))) if len(rows) else []
+        if per_chunk is None or not len(rows):
+            chunks = [rows] if len(rows) else []
+        elif spans is None:
+            chunks = list(rows.split(per_chunk))
+        else:
+            chunks = pack_by_width(rows, spans, self.micro_batch_tokens)
         if self.sharded and most is not None:
             needed = max(1, -(-most // per_chunk)) if per_chunk else 1
             chunks += [rows[:0]] * (needed - len(chunks))
@@ -203,18 +234,19 @@ class TrainEngine:
 
     def train_step(self, rows: torch.Tensor, length: int, loss_fn: Callable[[torch.Tensor], tuple],
                    weight_fn: Callable[[torch.Tensor], float], *, lr: Optional[float] = None,
-                   most: Optional[int] = None, stand_in: Optional[torch.Tensor] = None) -> tuple[dict, dict]:
+                   most: Optional[int] = None, stand_in: Optional[torch.Tensor] = None,
+                   spans: Optional[torch.Tensor] = None) -> tuple[dict, dict]:
         """One optimizer step on `rows` (1-D indices of sequences padded to `length` tokens), the sequence every
         trainer takes: set the lr (if given), split into micro-batches, and for each run
         `loss_fn(chunk) -> (loss, figures)` under autocast and accumulate the gradient of
         `weight_fn(chunk) * loss` (the chunk's share of the whole minibatch, so the accumulated gradient is one
-        pass over it); then reduce, clip and step (`step`). A sharded engine's padding chunks (see
-        `micro_batches`, `most`) run `loss_fn(stand_in)` with weight 0. A rank with no rows still steps: it
+        pass over it); then reduce, clip and step (`step`). spans: as `micro_batches`'. A sharded engine's
+        padding chunks (see `micro_batches`, `most`) run `loss_fn(stand_in)` with weight 0. A rank with no rows still steps: it
         takes part in the gradient reduction. -> (figures summed with their chunk's weight, `step`'s result)."""
         if lr is not None:
             self.set_lr(lr)
         figures: dict[str, float] = {}
-        for chunk in self.micro_batches(rows, length, most):
+        for chunk in self.micro_batches(rows, length, most, spans):
             weight = weight_fn(chunk) if len(chunk) else 0.0
             with self.autocast():
                 loss, chunk_figures = loss_fn(chunk if len(chunk) else stand_in)

@@ -34,10 +34,15 @@ from pipeline.collective import DP_GROUP, SYNC_GROUP, GroupMember, send_weights
 from pipeline.config import RunConfig, learner_reference, learners_sharded, old_logprobs_from_update
 from pipeline.trainers.engine import TrainEngine, held_parameters, lr_factor, shard_model
 from pipeline.models import (ValueModel, completion_forward, left_padded_positions, load_causal_lm,
-                             new_value_head, values_from_hidden)
+                             new_value_head, pad_columns, used_columns, values_from_hidden)
 from pipeline.rollout.reference import load_reference_model
 from pipeline.torch_env import derive_seed, resolve_device, setup_torch
 from pipeline.weights import WeightsPacket, pack_weights, state_checksum
+
+
+def real_tokens(r: Rollout) -> torch.Tensor:
+    """(N, 2) real prompt and completion tokens of each row: what micro-batches pack by (`micro_batches`)."""
+    return torch.stack([r.prompt_mask.sum(1), r.completion_mask.sum(1)], dim=1).long()
 
 
 class PolicyLearner(GroupMember):
@@ -102,12 +107,14 @@ class PolicyLearner(GroupMember):
 
     def _critic_values(self, r: Rollout, rows: torch.Tensor) -> torch.Tensor:
         """(n, T) value of the state before each completion token, from the separate critic."""
-        d = self.device
-        ids = torch.cat([r.prompt_ids[rows], r.completion_ids[rows]], dim=1).to(d)
-        mask = torch.cat([r.prompt_mask[rows], r.completion_mask[rows]], dim=1).to(d)
+        d, T_full = self.device, r.completion_ids.shape[1]
+        first, width = used_columns(r.prompt_mask[rows], r.completion_mask[rows])   # as completion_forward
+        prompt_ids, prompt_mask = r.prompt_ids[rows, first:], r.prompt_mask[rows, first:]
+        ids = torch.cat([prompt_ids, r.completion_ids[rows, :width]], dim=1).to(d)
+        mask = torch.cat([prompt_mask, r.completion_mask[rows, :width]], dim=1).to(d)
         values = self.critic.model(ids, mask.long(), left_padded_positions(mask))   # (n, P+T)
-        P, T = r.prompt_ids.shape[1], r.completion_ids.shape[1]
-        return values[:, P - 1:P + T - 1]        # the positions that predict each completion token
+        P = prompt_ids.shape[1]
+        return pad_columns(values[:, P - 1:P + width - 1], T_full)   # the positions that predict each token
 
     def _reference(self):
         """The context of a log pi_ref forward: none for the frozen reference model the sharded learners hold
@@ -133,8 +140,11 @@ class PolicyLearner(GroupMember):
         length = r.prompt_ids.shape[1] + r.completion_ids.shape[1]
         every = torch.arange(len(r.prompts))
         mine = every.tensor_split(self.world_size)[self.rank] if self.sharded else every
-        for rows in self.policy.micro_batches(mine, length, most=-(-len(every) // self.world_size)):
+        order = []                       # the rows of each kept chunk: chunks go longest first
+        for rows in self.policy.micro_batches(mine, length, most=-(-len(every) // self.world_size),
+                                              spans=real_tokens(r)):
             keep = len(rows) > 0
+            order += [rows] if keep else []
             rows = rows if keep else every[:1]
             if need_policy:
                 with self.policy.autocast():
@@ -154,10 +164,15 @@ class PolicyLearner(GroupMember):
                 values += [v] if keep else []
         T = r.completion_ids.shape[1]
         none = torch.zeros(0, T)         # a sharded rank with no rows of its own
+        back = torch.argsort(torch.cat(order)) if order else None    # to this rank's row order
+
+        def rows_in_order(parts):
+            return torch.cat(parts)[back] if parts else none
+
         wants_values = self.value_head is not None or self.critic is not None
-        return {"values": (torch.cat(values) if values else none) if wants_values else None,
-                "old_logprobs": (torch.cat(logprobs) if logprobs else none) if old_logprobs else None,
-                "ref_logprobs": (torch.cat(ref) if ref else none) if ref_logprobs else None}
+        return {"values": rows_in_order(values) if wants_values else None,
+                "old_logprobs": rows_in_order(logprobs) if old_logprobs else None,
+                "ref_logprobs": rows_in_order(ref) if ref_logprobs else None}
 
     # ------------------------------------------------------------------------------------------ update
     def update(self, batch: TrainBatch) -> dict[str, float]:
@@ -219,12 +234,13 @@ class PolicyLearner(GroupMember):
             return shard_weight(r.train_mask[part], full_mask, agg)
 
         # A sharded rank's padding pass runs on any row (full[:1]) with weight 0; an empty rank still steps.
+        spans = real_tokens(r)
         stats, step = self.policy.train_step(rows, length, lambda part: self._policy_loss(batch, part), weight,
-                                             most=most, stand_in=full[:1])
+                                             most=most, stand_in=full[:1], spans=spans)
         stats["optim/grad_norm"] = share * step["grad_norm"]
         if self.critic is not None:
             figures, step = self.critic.train_step(rows, length, lambda part: self._value_loss(batch, part), weight,
-                                                   most=most, stand_in=full[:1])
+                                                   most=most, stand_in=full[:1], spans=spans)
             stats.update(figures, **{"value/grad_norm": share * step["grad_norm"]})
         return stats
 
