@@ -129,3 +129,25 @@ def test_gpu_check_runs_every_section_but_vllm_at_a_toy_shape_and_keeps_its_rati
     assert sync["gib"] >= sec["rollout"]["weight_gib"] and sync["object_store_s_per_gib"] > 0
     table = (out / "gpu_check.md").read_text()
     assert "| hf |" in table and "PPO step with a separate critic" in table and "gloo broadcast" in table
+
+
+@pytest.mark.unit
+def test_cost_growth_slope_is_the_exponent_of_a_power_law():
+    slope = load_bench("cost_growth").slope
+    assert slope([1, 2, 4, 8], [3, 12, 48, 192]) == pytest.approx(2.0)        # y = 3 x^2
+    assert slope([10, 100], [5, 5]) == pytest.approx(0.0)
+    assert slope([1, 4, 16], [8, 4, 2]) == pytest.approx(-0.5)
+
+
+@pytest.mark.slow
+def test_cost_growth_measures_every_stage_of_a_size_sweep_and_plots_it(tmp_path):
+    results = load_bench("cost_growth").main(["--sweeps", "size", "--sizes", "0.8M,3M", "--repeats", "1",
+                                              "--threads", "1", "--out", str(tmp_path), "--assets",
+                                              str(tmp_path / "models")])
+    small, large = results["sweeps"]["size"]
+    assert small["parameters"] < large["parameters"]
+    assert all(p[s] > 0 for p in (small, large) for s in ("generation", "scoring", "update", "sync"))
+    assert large["step"] == pytest.approx(sum(large[s] for s in ("generation", "scoring", "update", "sync")))
+    assert results["slopes"]["size"]["update"] > 0                       # a larger model's update costs more
+    assert "| log-log slope |" in (tmp_path / "cost_growth.md").read_text()
+    assert (tmp_path / "cost_growth.png").stat().st_size > 10_000
