@@ -4,9 +4,10 @@ PolicyLearner; prints the median update seconds (the first update, warm-up, left
 
     python benchmarks/learner_update.py --config grpo [--steps 12]
 
-For a before/after of the learner's hot path, run it against two checkouts side by side, alternating, e.g.
-    PYTHONPATH=/path/to/before python benchmarks/learner_update.py --config ppo
-    PYTHONPATH=/path/to/after  python benchmarks/learner_update.py --config ppo
+For a before/after of the learner's hot path, run it from two checkouts side by side, alternating, each from
+its own folder (the script puts its own checkout first on sys.path, ahead of PYTHONPATH), e.g.
+    cd /path/to/before && python benchmarks/learner_update.py --config ppo
+    cd /path/to/after  && python benchmarks/learner_update.py --config ppo
 The model and data are built (untrained: the update's cost does not depend on the weights) under --assets.
 """
 from __future__ import annotations
