@@ -187,9 +187,12 @@ def test_node_with_generators_or_scorer_lost_mid_run_every_step_completes(tiny_t
     before the next step calls them, which raises no error at all; the driver must notice anyway."""
     cluster, workers = make_cluster(head_cpus=0)  # actors only on the two worker nodes, the driver on the head
     out, steps = tmp_path / when, 5
+    # A generator lost while the weights are broadcast leaves learner rank 0 waiting in the collective for its
+    # whole timeout before the step falls back to the object store (120 s by default: the step's sync then takes
+    # 120 s). 20 s bounds that wait here; the fallback it tests is the same.
     cfg = run_config(tiny_task, out, "resources.placement_strategy=SPREAD", "resources.rollout_workers=2",
                      "resources.reward_scorers=1", f"train.steps={steps}", "train.eval_every=3",
-                     "checkpoint.every=0")
+                     "checkpoint.every=0", "resources.collective_timeout_s=20")
     loss, end = NodeLoss(cluster, workers, cfg), {}
 
     def on_step(step, metrics, trainer):
