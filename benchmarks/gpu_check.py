@@ -17,8 +17,9 @@ Sections, in order (each writes its figures as soon as it ends, so a run cut sho
             from this process to a generator process on the same device (NCCL may refuse two ranks on one GPU:
             the error is recorded);
   vllm      last (vLLM's engine takes the default process group and a share of the GPU): the vllm row of
-            the rollout table, then the colocated cycle: vLLM's sleep/wake beside the learner (`sleep(level=1)`, `wake_up(["weights"])`, the new
-            weights, `wake_up(["kv_cache"])`): seconds of each and the memory given back (needs vLLM).
+            the rollout table, then the colocated cycle: vLLM's sleep/wake beside the learner
+            (`sleep(level=1)`, `wake_up(["weights"])`, the new weights, `wake_up(["kv_cache"])`): seconds
+            of each and the memory given back (needs vLLM).
 
     python benchmarks/gpu_check.py [--out DIR] [--sections peaks,rollout,...] [--budget-s 540]
     python benchmarks/gpu_check.py --shape cpu [--threads 2]   # this laptop-class CPU's own ratios (25 M)
@@ -36,6 +37,7 @@ import dataclasses
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -105,11 +107,6 @@ def timed(fn, repeats: int) -> list[float]:
     return out
 
 
-def median(xs: list[float]) -> float:
-    s = sorted(xs)
-    return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
-
-
 class Check:
     """The shared state of one run: where things are, the machine's limits once measured, the figures."""
 
@@ -123,7 +120,7 @@ class Check:
         self.device = "cuda" if self.cuda else "cpu"
         self.dtype = "bfloat16" if self.cuda else "float32"
         self.work = tempfile.mkdtemp(prefix="gpu_check_")
-        self.model_path = None
+        self.path = None
         self.rollout = None
         self.results: dict = {"machine": self.machine(), "shape": dataclasses.asdict(shape), "sections": {}}
 
@@ -155,18 +152,19 @@ class Check:
         from pipeline.config import load_config
 
         s = self.shape
-        return load_config(preset, [f"model.path={self.model(None)}", f"model.dtype={self.dtype}",
+        return load_config(preset, [f"model.path={self.model_path()}", f"model.dtype={self.dtype}",
                                     f"model.device={self.device}", "rollout.backend=hf",
-                                    f"rollout.max_new_tokens={s.new_tokens}", f"rollout.prompts_per_step={s.prompts // 4}",
+                                    f"rollout.max_new_tokens={s.new_tokens}",
+                                    f"rollout.prompts_per_step={s.prompts // 4}",
                                     "rollout.samples_per_prompt=4", "algorithm.kl_coef=0", "data.eval_path=null",
                                     f"learner.micro_batch_tokens={s.micro_batch_tokens}",
                                     f"learner.minibatch_size={s.prompts}", *overrides])
 
     # ------------------------------------------------------------------------------ the model and its prompts
-    def model(self, _) -> str:
+    def model_path(self) -> str:
         """A Qwen2-shaped model with random weights and a BPE tokenizer built here (built once)."""
-        if self.model_path:
-            return self.model_path
+        if self.path:
+            return self.path
         import torch
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -189,7 +187,7 @@ class Check:
         self.parameters = sum(p.numel() for p in model.parameters())
         self.weight_bytes = sum(p.numel() * p.element_size() for p in model.to(getattr(torch, self.dtype)).parameters())
         del model
-        self.model_path = path
+        self.path = path
         return path
 
     def prompts(self) -> list[str]:
@@ -197,7 +195,7 @@ class Check:
 
         from pipeline.small_models import default_corpus
 
-        tok, s = AutoTokenizer.from_pretrained(self.model(None)), self.shape
+        tok, s = AutoTokenizer.from_pretrained(self.model_path()), self.shape
         ids = [t for row in tok(default_corpus(0, 8000), add_special_tokens=False)["input_ids"] for t in row]
         return [tok.decode(ids[i * s.prompt_tokens:(i + 1) * s.prompt_tokens]) for i in range(s.prompts)]
 
@@ -211,12 +209,12 @@ class Check:
         n, dt = self.shape.matmul, getattr(torch, self.dtype)
         a, b = torch.randn(n, n, device=self.device, dtype=dt), torch.randn(n, n, device=self.device, dtype=dt)
         timed(lambda: a @ b, 3)
-        flops = 2 * n ** 3 / median(timed(lambda: a @ b, 10))
+        flops = 2 * n ** 3 / statistics.median(timed(lambda: a @ b, 10))
         del a, b
         src = torch.empty(self.shape.copy_mib * 2**20, dtype=torch.uint8, device=self.device)
         dst = torch.empty_like(src)
         timed(lambda: dst.copy_(src), 2)
-        bandwidth = 2 * src.numel() / median(timed(lambda: dst.copy_(src), 10))
+        bandwidth = 2 * src.numel() / statistics.median(timed(lambda: dst.copy_(src), 10))
         del src, dst
         return {"matmul_dtype": self.dtype, "matmul_n": n, "matmul_tflops": flops / 1e12,
                 "copy_gib": self.shape.copy_mib / 1024, "bandwidth_gbs": bandwidth / 1e9,
@@ -230,7 +228,7 @@ class Check:
 
         prompts = self.prompts()
         idx = list(range(len(prompts)))
-        cfg = load_config(None, [f"model.path={self.model(None)}", f"model.dtype={self.dtype}",
+        cfg = load_config(None, [f"model.path={self.model_path()}", f"model.dtype={self.dtype}",
                                  f"model.device={self.device}", f"rollout.backend={backend}",
                                  f"rollout.max_new_tokens={self.shape.new_tokens}", "vllm.gpu_memory_utilization=0.3"])
         start = time.perf_counter()
@@ -245,7 +243,7 @@ class Check:
             runs.append(time.perf_counter() - start)
         del gen
         free_memory()
-        seconds, tokens = median(runs[1:]), int(rollout.completion_mask.sum())
+        seconds, tokens = statistics.median(runs[1:]), int(rollout.completion_mask.sum())
         return {"ready_s": ready, "seconds": seconds, "samples_per_s": len(prompts) / seconds,
                 "tokens_per_s": tokens / seconds, "tokens_per_sample": tokens / len(prompts),
                 "of_bound": tokens / seconds / self.decode_bound()}, rollout
@@ -253,11 +251,11 @@ class Check:
     def decode_bound(self) -> float:
         """Tokens/s if each decode step (one token for every prompt) cost one read of the weights at the measured
         bandwidth: the bound a memory-bound decoder approaches (the KV cache's reads not counted)."""
-        self.model(None)
+        self.model_path()
         return self.shape.prompts * self.peaks()["bandwidth_gbs"] * 1e9 / self.weight_bytes
 
     def run_rollout(self) -> dict:
-        self.model(None)
+        self.model_path()
         figures = {"parameters": self.parameters, "weight_gib": self.weight_bytes / 2**30,
                    "bound_tokens_per_s": self.decode_bound()}
         figures["hf"], self.rollout = self.generator_figures("hf")
@@ -304,7 +302,7 @@ class Check:
         learner = PolicyLearner(cfg, threads=self.threads)
         reset_peak()
         seconds, tokens = self.update_seconds(learner, 3)
-        s = median(seconds)
+        s = statistics.median(seconds)
         tokens_per_s = tokens * cfg.learner.epochs / s
         achieved = 6 * self.parameters * tokens_per_s
         del learner
@@ -331,7 +329,7 @@ class Check:
                     engine.shard(mesh)
             reset_peak()
             seconds, tokens = self.update_seconds(learner, 2)
-            figures[layout] = {"seconds_per_update": median(seconds), "peak_memory_gib": peak_memory_gib(),
+            figures[layout] = {"seconds_per_update": statistics.median(seconds), "peak_memory_gib": peak_memory_gib(),
                                "policy_and_critic_parameters": sum(h[1] for h in learner.held_parameters().values())}
             learner.leave_group(DP_GROUP)
             del learner
@@ -357,8 +355,8 @@ class Check:
             gen.set_weights(learner.export_weights())
 
         object_store()
-        os_seconds = median(timed(object_store, 3))
-        checksum_s = median(timed(lambda: state_checksum(state), 3))
+        os_seconds = statistics.median(timed(object_store, 3))
+        checksum_s = statistics.median(timed(lambda: state_checksum(state), 3))
         figures = {"gib": gib, "object_store_s_per_gib": os_seconds / gib, "checksum_s_per_gib": checksum_s / gib}
         # The broadcast: NCCL between GPU processes (gloo on a CPU), to a generator's side in a process of its own.
         backend = "nccl" if self.cuda else "gloo"
@@ -379,8 +377,8 @@ class Check:
                 times.append(time.perf_counter() - start)
             log, _ = receiver.communicate(timeout=60)
             got = json.loads(log.strip().splitlines()[-1])
-            figures.update(broadcast_s_per_gib=median(times[1:]) / gib,
-                           broadcast_receiver_s_per_gib=median(got["seconds"][1:]) / gib,
+            figures.update(broadcast_s_per_gib=statistics.median(times[1:]) / gib,
+                           broadcast_receiver_s_per_gib=statistics.median(got["seconds"][1:]) / gib,
                            broadcast_intact=got["intact"])
         except Exception as err:                    # noqa: BLE001 - recorded (NCCL may refuse two ranks on one GPU)
             receiver.kill()
@@ -405,7 +403,7 @@ class Check:
 
         from pipeline.trainers.ppo import PolicyLearner
 
-        llm = LLM(model=self.model(None), dtype=self.dtype, enable_sleep_mode=True, gpu_memory_utilization=0.3,
+        llm = LLM(model=self.model_path(), dtype=self.dtype, enable_sleep_mode=True, gpu_memory_utilization=0.3,
                   seed=0)
         params = SamplingParams(max_tokens=self.shape.new_tokens, ignore_eos=True)
         learner = PolicyLearner(self.config("grpo"), threads=self.threads)
@@ -501,7 +499,8 @@ def report(results: dict) -> str:
     if isinstance(r, dict) and "hf" in r:
         lines += [f"Rollout ({r['parameters'] / 1e6:.0f} M parameters, {r['weight_gib']:.2f} GiB of weights; bound "
                   f"{r['bound_tokens_per_s']:,.0f} tokens/s = prompts x bandwidth / weight bytes):", "",
-                  "| backend | ready s | s per rollout | samples/s | tokens/s | of bound |", "|---|---|---|---|---|---|"]
+                  "| backend | ready s | s per rollout | samples/s | tokens/s | of bound |",
+                  "|---|---|---|---|---|---|"]
         for b, x in (("hf", r["hf"]), ("vllm", v.get("rollout") or v.get("status") or v.get("error"))):
             if isinstance(x, dict):
                 lines.append(f"| {b} | {x['ready_s']:.1f} | {x['seconds']:.2f} | {x['samples_per_s']:,.1f} | "
@@ -547,7 +546,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma list of " + ", ".join(SECTIONS))
     p.add_argument("--budget-s", type=float, default=540, help="no section starts after this many seconds")
     p.add_argument("--shape", choices=sorted(SHAPES), default="gpu",
-                   help="gpu: Qwen2-0.5B, 256 prompts x 64 -> 256 tokens; cpu: a 25 M Qwen2, 16 x 64 -> 128; tiny: a toy")
+                   help="gpu: Qwen2-0.5B, 256 prompts x 64 -> 256 tokens; cpu: a 25 M Qwen2, 16 x 64 -> 128; "
+                        "tiny: a toy")
     p.add_argument("--threads", type=int, default=0, help="torch threads of every part (0: one per core)")
     args = p.parse_args(argv)
     wanted = args.sections.split(",")

@@ -273,6 +273,16 @@ def used_columns(prompt_mask: torch.Tensor, completion_mask: torch.Tensor) -> tu
     return first, max(int(used_t[-1]) + 1 if len(used_t) else 0, 1)
 
 
+def used_sequence(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                  completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """cat(prompt, completion) over the used columns only (`used_columns`). -> (input_ids, attention_mask (long),
+    P, T): the kept prompt and completion widths; position P - 1 + t predicts completion token t."""
+    first, width = used_columns(prompt_mask, completion_mask)
+    input_ids = torch.cat([prompt_ids[:, first:], completion_ids[:, :width]], dim=1)
+    attention_mask = torch.cat([prompt_mask[:, first:], completion_mask[:, :width]], dim=1).long()
+    return input_ids, attention_mask, prompt_ids.shape[1] - first, width
+
+
 def pad_columns(x: torch.Tensor, width: int) -> torch.Tensor:
     """(n, t, ...) -> (n, width, ...): zeros after the first t columns (positions a trimmed forward dropped)."""
     if x.shape[1] == width:
@@ -296,12 +306,8 @@ def completion_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
     these rows, and the columns it dropped come back as zeros.
     """
     T_full = completion_ids.shape[1]
-    first, width = used_columns(prompt_mask, completion_mask)
-    prompt_ids, prompt_mask = prompt_ids[:, first:], prompt_mask[:, first:]
-    completion_ids, completion_mask = completion_ids[:, :width], completion_mask[:, :width]
-    P, T = prompt_ids.shape[1], completion_ids.shape[1]
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)                   # (n, P+T)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).long()     # (n, P+T)
+    input_ids, attention_mask, P, T = used_sequence(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    completion_ids = completion_ids[:, :T]                                       # (n, T): the kept columns
     # Logits at positions P-1 .. P+T-2 predict completion tokens 0 .. T-1. Asking the model for only the
     # last T+1 positions spares the (n, P, V) prompt logits; the very last position is dropped below.
     out = model(input_ids=input_ids, attention_mask=attention_mask,
@@ -327,5 +333,5 @@ def completion_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
 __all__ = [
     "DTYPES", "ModelLoadError", "ValueModel", "check_model_path", "load_model_config", "zero_dropout",
     "load_tokenizer", "load_causal_lm", "values_from_hidden", "new_value_head", "left_padded_positions",
-    "used_columns", "pad_columns", "completion_forward",
+    "used_columns", "used_sequence", "pad_columns", "completion_forward",
 ]

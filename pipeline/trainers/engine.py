@@ -241,8 +241,9 @@ class TrainEngine:
         `loss_fn(chunk) -> (loss, figures)` under autocast and accumulate the gradient of
         `weight_fn(chunk) * loss` (the chunk's share of the whole minibatch, so the accumulated gradient is one
         pass over it); then reduce, clip and step (`step`). spans: as `micro_batches`'. A sharded engine's
-        padding chunks (see `micro_batches`, `most`) run `loss_fn(stand_in)` with weight 0. A rank with no rows still steps: it
-        takes part in the gradient reduction. -> (figures summed with their chunk's weight, `step`'s result)."""
+        padding chunks (see `micro_batches`, `most`) run `loss_fn(stand_in)` with weight 0. A rank with no
+        rows still steps: it takes part in the gradient reduction.
+        -> (figures summed with their chunk's weight, `step`'s result)."""
         if lr is not None:
             self.set_lr(lr)
         figures: dict[str, float] = {}

@@ -34,7 +34,7 @@ from pipeline.collective import DP_GROUP, SYNC_GROUP, GroupMember, send_weights
 from pipeline.config import RunConfig, learner_reference, learners_sharded, old_logprobs_from_update
 from pipeline.trainers.engine import TrainEngine, held_parameters, lr_factor, shard_model
 from pipeline.models import (ValueModel, completion_forward, left_padded_positions, load_causal_lm,
-                             new_value_head, pad_columns, used_columns, values_from_hidden)
+                             new_value_head, pad_columns, used_sequence, values_from_hidden)
 from pipeline.rollout.reference import load_reference_model
 from pipeline.torch_env import derive_seed, resolve_device, setup_torch
 from pipeline.weights import WeightsPacket, pack_weights, state_checksum
@@ -107,14 +107,11 @@ class PolicyLearner(GroupMember):
 
     def _critic_values(self, r: Rollout, rows: torch.Tensor) -> torch.Tensor:
         """(n, T) value of the state before each completion token, from the separate critic."""
-        d, T_full = self.device, r.completion_ids.shape[1]
-        first, width = used_columns(r.prompt_mask[rows], r.completion_mask[rows])   # as completion_forward
-        prompt_ids, prompt_mask = r.prompt_ids[rows, first:], r.prompt_mask[rows, first:]
-        ids = torch.cat([prompt_ids, r.completion_ids[rows, :width]], dim=1).to(d)
-        mask = torch.cat([prompt_mask, r.completion_mask[rows, :width]], dim=1).to(d)
-        values = self.critic.model(ids, mask.long(), left_padded_positions(mask))   # (n, P+T)
-        P = prompt_ids.shape[1]
-        return pad_columns(values[:, P - 1:P + width - 1], T_full)   # the positions that predict each token
+        ids, mask, P, T = used_sequence(r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows],
+                                        r.completion_mask[rows])             # as completion_forward's pass
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        values = self.critic.model(ids, mask, left_padded_positions(mask))   # (n, P+T)
+        return pad_columns(values[:, P - 1:P + T - 1], r.completion_ids.shape[1])   # each token's predictor
 
     def _reference(self):
         """The context of a log pi_ref forward: none for the frozen reference model the sharded learners hold
@@ -191,10 +188,10 @@ class PolicyLearner(GroupMember):
         gen = torch.Generator().manual_seed(derive_seed(self.cfg.train.seed, self.version))
         # Every rank reports the same names (it takes part in the sum below even with no rows of its own).
         sums = {k: 0.0 for k in self._stat_names(batch)}
-        minibatches = 0
+        minibatches, spans = 0, real_tokens(r)       # what micro-batches pack by, once per update
         for _ in range(lc.epochs):
             for full in torch.randperm(n, generator=gen).split(lc.minibatch_size):   # same order on every rank
-                for k, v in self._minibatch(batch, full).items():
+                for k, v in self._minibatch(batch, full, spans).items():
                     sums[k] += v
                 minibatches += 1
         self.version += 1
@@ -222,7 +219,7 @@ class PolicyLearner(GroupMember):
             names += ["value/grad_norm", "value/mean"]
         return names
 
-    def _minibatch(self, batch: TrainBatch, full: torch.Tensor) -> dict[str, float]:
+    def _minibatch(self, batch: TrainBatch, full: torch.Tensor, spans: torch.Tensor) -> dict[str, float]:
         """One optimizer step (per engine) on this rank's share of the minibatch `full` (row indices).
         Figures come weighted by this rank's share of the minibatch."""
         r, agg = batch.rollout, self.cfg.algorithm.loss_agg
@@ -234,7 +231,6 @@ class PolicyLearner(GroupMember):
             return shard_weight(r.train_mask[part], full_mask, agg)
 
         # A sharded rank's padding pass runs on any row (full[:1]) with weight 0; an empty rank still steps.
-        spans = real_tokens(r)
         stats, step = self.policy.train_step(rows, length, lambda part: self._policy_loss(batch, part), weight,
                                              most=most, stand_in=full[:1], spans=spans)
         stats["optim/grad_norm"] = share * step["grad_norm"]
